@@ -1,0 +1,522 @@
+"""Sampling from eMIGM (You et al. 2025, arXiv 2503.07197): mask-prediction steps with a per-token diffusion head.
+
+Sec. 3 / Fig. 2 of the paper, computing what the official code (ML-GSAI/eMIGM at de78623) computes:
+  * K mask-prediction steps on t = linspace(1, 1e-5, K+1); step t -> s reveals a fraction 1 - gamma_s/gamma_t of the
+    still-masked tokens, the same count in every row, and only those tokens go through the head;
+  * the head sampler: DPM-Solver++ (singlestep, order 3, logSNR spacing; the official evaluation) or MAR's DDPM with
+    learned variance over 100 respaced steps;
+  * classifier-free guidance with the mask (Fig. 2e), only on steps whose next time s is in (t_min, t_max]
+    ("time interval", Table 2's "16 x 1.2" and "128 x 1.4" NFE).
+Deviation, same distribution: the official code picks the revealed tokens with a Python loop of CPU randperm calls
+over the rows; here one vectorised draw gives every row a uniform subset of the same (Binomial) size.
+
+  python sample.py --ckpt PATH --size XS --nfe 16                       # grid PNG, one row per class
+  torchrun --nproc_per_node 8 sample.py --ckpt PATH --size H --nfe 128 --num-images 50000 --out DIR   # samples.npz
+  python sample.py --bench                                              # speed, random weights
+"""
+import argparse
+import math
+import os
+import resource
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import emigm
+
+SAMPLER_EPS = 1e-5  # the sampler's last time (training uses emigm.TRAIN_T_EPS)
+LAMBDA_CLIP = -5.1  # DPM-Solver drops the trailing steps with logSNR/2 below this (4 of cosine-1000's)
+
+# Paper presets (Table 2 and the official eval scripts): K -> (head steps, cfg, cfg schedule, CFG interval (t_min, t_max]).
+_P16, _P128 = (8, 4.0, "constant", (0.1, 0.3)), (14, 4.0, "constant", (0.18, 0.6))
+PRESETS = {
+    ("XS", 256): {16: _P16, 128: _P128},
+    ("S", 256): {16: _P16, 128: _P128},
+    ("B", 256): {16: _P16, 128: (14, 4.0, "constant", (0.05, 0.4))},
+    ("L", 256): {16: _P16, 128: _P128},
+    ("H", 256): {16: (8, 4.0, "constant", (0.2, 0.4)), 128: (14, 4.0, "constant", (0.3, 0.7))},
+    **{(size, 512): {16: (8, 4.0, "constant", (0.15, 0.35)), 64: (14, 4.0, "constant", (0.25, 0.5))}
+       for size in ("XS", "S", "B", "L")},  # 512px: the eval scripts' intervals; head steps for K=64 are ours
+}
+# cfg schedules: the scale is 1 + (cfg - 1) f(u), u = share of tokens revealed after the step (official options)
+CFG_SCHEDULES = {"constant": None, "linear": lambda u: u, "power": lambda u: u ** 2, "cubic": lambda u: u ** 3,
+                 "exp": lambda u: 1 - math.exp(-5 * u), "cosine": lambda u: math.cos(math.pi / 2 * (1 - u))}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The mask-prediction schedule, CFG interval and NFE
+# ----------------------------------------------------------------------------------------------------------------
+def reveal_schedule(num_iter, schedule="exp"):
+    """Times t_0 = 1 > ... > t_K = 1e-5 (K+1,) and, per step, the share of masked tokens to reveal p_k (K,)."""
+    ts = torch.linspace(1, SAMPLER_EPS, num_iter + 1)  # float32, as the official code
+    p = 1 - emigm.mask_ratio(ts[1:], schedule) / emigm.mask_ratio(ts[:-1], schedule)  # raw gamma, no eps remap
+    p[-1] = 1.0  # the last step reveals everything
+    return ts, p
+
+
+def cfg_steps(num_iter, cfg, cfg_interval):
+    """(K,) bool: the steps that run the unconditional branch, i.e. cfg != 1 and t_min < s <= t_max (s = next time)."""
+    s = reveal_schedule(num_iter)[0][1:]
+    return (s > cfg_interval[0]) & (s <= cfg_interval[1]) & (cfg != 1.0)
+
+
+def nfe(num_iter, cfg, cfg_interval):
+    """Transformer passes per image as the paper counts them: K x f, f = 1 + share of the steps with CFG."""
+    return num_iter, 1 + cfg_steps(num_iter, cfg, cfg_interval).float().mean().item()
+
+
+def choose_reveal(mask, p, generator=None):
+    """Which masked tokens to reveal now: n ~ Binomial(#masked, p) (at least 1) in every row, each row a uniform
+    n-subset of its own masked positions. mask (B, L) bool (same count per row) -> reveal (B, L) bool."""
+    num_masked = int(mask[0].sum())
+    if p >= 1:
+        return mask.clone()
+    dev = generator.device if generator is not None else mask.device
+    n = max(int((torch.rand(num_masked, generator=generator, device=dev) < p).sum()), 1)  # official: row 0's draws
+    scores = torch.rand(mask.shape, generator=generator, device=dev).to(mask.device).masked_fill(~mask, 2.0)
+    idx = scores.topk(n, dim=1, largest=False).indices  # (B, n): n random masked positions per row
+    return torch.zeros_like(mask).scatter_(1, idx, True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Head sampler 1: DPM-Solver++ (Lu et al. 2022), as the official code calls it (singlestep, order 3, logSNR)
+# ----------------------------------------------------------------------------------------------------------------
+def interp(x, xp, yp):
+    """Piecewise-linear through (xp, yp), xp increasing, extrapolated with the end segments (DPM-Solver's)."""
+    i = torch.searchsorted(xp, x).clamp(1, len(xp) - 1) - 1
+    return yp[i] + (x - xp[i]) * (yp[i + 1] - yp[i]) / (xp[i + 1] - xp[i])
+
+
+class NoiseScheduleVP:
+    """DPM-Solver's 'discrete' schedule from the head's training betas: log alpha_n = 1/2 sum log(1 - beta) at
+    t_n = (n+1)/N, piecewise linear in between; sigma = sqrt(1 - alpha^2), lambda = log alpha - log sigma."""
+
+    def __init__(self, betas):  # betas: float64 (T,)
+        log_alpha = 0.5 * torch.log(1 - betas).cumsum(0)
+        lam = log_alpha - 0.5 * torch.log(1 - torch.exp(2 * log_alpha))
+        self.total_N = int((lam >= LAMBDA_CLIP).sum())  # (!) official clip: 996 of 1000 for cosine
+        self.log_alpha_array = log_alpha[:self.total_N].float()
+        self.t_array = torch.linspace(0.0, 1.0, self.total_N + 1)[1:]
+
+    def log_alpha(self, t):
+        return interp(t, self.t_array, self.log_alpha_array)
+
+    def sigma(self, t):
+        return torch.sqrt(1 - torch.exp(2 * self.log_alpha(t)))
+
+    def lam(self, t):
+        log_alpha = self.log_alpha(t)
+        return log_alpha - 0.5 * torch.log(1 - torch.exp(2 * log_alpha))
+
+    def inverse_lambda(self, lam):
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2 * lam)
+        return interp(log_alpha, self.log_alpha_array.flip(0), self.t_array.flip(0))
+
+    def time_steps(self, t_T, t_0, n):  # n + 1 times uniform in lambda (skip_type 'logSNR')
+        lam_T, lam_0 = self.lam(torch.tensor(t_T)).item(), self.lam(torch.tensor(t_0)).item()
+        return self.inverse_lambda(torch.linspace(lam_T, lam_0, n + 1))
+
+
+@lru_cache(maxsize=None)
+def noise_schedule():
+    return NoiseScheduleVP(emigm.GaussianDiffusion().betas)
+
+
+@lru_cache(maxsize=None)
+def dpm_plan(steps):
+    """The solver's intervals for `steps` evaluations: a list of (order, r1, r2, h, times {s, s1, s2, t}), each time
+    a (t, alpha, sigma) of 0-d float32 tensors. K = steps//3 + 1 intervals uniform in lambda, orders 3,...,3 + tail."""
+    ns = noise_schedule()
+    K = steps // 3 + 1
+    orders = [3] * (K - 2) + [2, 1] if steps % 3 == 0 else [3] * (K - 1) + [steps % 3]
+    outer = ns.time_steps(1.0, 1.0 / ns.total_N, K)  # t_T = 1 down to t_0 = 1/N
+    point = lambda t: (t, ns.log_alpha(t).exp(), ns.sigma(t))
+    plan = []
+    for s, t, order in zip(outer[:-1], outer[1:], orders):
+        lam_inner = ns.lam(ns.time_steps(s.item(), t.item(), order))  # r1, r2 from a lambda-uniform split
+        r1 = (lam_inner[1] - lam_inner[0]) / (lam_inner[-1] - lam_inner[0]) if order > 1 else None
+        r2 = (lam_inner[2] - lam_inner[0]) / (lam_inner[-1] - lam_inner[0]) if order > 2 else None
+        lam_s, h = ns.lam(s), ns.lam(t) - ns.lam(s)
+        times = dict(s=point(s), t=point(t))
+        for name, r in (("s1", r1), ("s2", r2)):
+            if r is not None:
+                times[name] = point(ns.inverse_lambda(lam_s + r * h))
+        plan.append((order, r1, r2, h, times))
+    return plan
+
+
+@torch.no_grad()
+def dpm_solver_sample(net, noise, cond, uncond=None, cfg=1.0, steps=8):
+    """DPM-Solver++ from t = 1 to 1/996 in `steps` net evaluations. net(x (N, C), t (N,), c (N, D)) -> (N, >= C)
+    whose first C channels predict eps; noise (N, C) ~ N(0, I); cond, uncond (N, D). Deterministic given the noise
+    (the official path ignores the temperature). Returns x0 (N, C)."""
+    C, inv_N = noise.shape[1], 1.0 / noise_schedule().total_N
+    guided = uncond is not None and cfg != 1.0
+    c_in = torch.cat([uncond, cond]) if guided else cond  # one batched call on [x; x]
+
+    def data_pred(x, point):  # x0 = (x - sigma eps) / alpha with eps = eps_u + cfg (eps_c - eps_u)
+        t, alpha, sigma = point
+        t_in = ((t - inv_N) * 1000).to(x.device).expand(len(c_in))  # (!) official time input: not the index t*N - 1
+        eps = net(torch.cat([x, x]) if guided else x, t_in, c_in)[:, :C]
+        if guided:
+            eps_u, eps_c = eps.chunk(2)
+            eps = eps_u + cfg * (eps_c - eps_u)
+        return (x - sigma * eps) / alpha
+
+    x = noise
+    for order, r1, r2, h, p in dpm_plan(steps):
+        (_, _, sig_s), (_, a_t, sig_t) = p["s"], p["t"]
+        phi_1 = torch.expm1(-h)
+        m_s = data_pred(x, p["s"])
+        if order == 1:
+            x = sig_t / sig_s * x - a_t * phi_1 * m_s
+            continue
+        _, a_s1, sig_s1 = p["s1"]
+        m_s1 = data_pred(sig_s1 / sig_s * x - a_s1 * torch.expm1(-r1 * h) * m_s, p["s1"])
+        if order == 2:
+            x = sig_t / sig_s * x - a_t * phi_1 * m_s - (0.5 / r1) * (a_t * phi_1) * (m_s1 - m_s)
+            continue
+        _, a_s2, sig_s2 = p["s2"]
+        phi_12 = torch.expm1(-r2 * h)
+        x_s2 = (sig_s2 / sig_s * x - a_s2 * phi_12 * m_s
+                + r2 / r1 * (a_s2 * (phi_12 / (r2 * h) + 1)) * (m_s1 - m_s))
+        m_s2 = data_pred(x_s2, p["s2"])
+        x = sig_t / sig_s * x - a_t * phi_1 * m_s + (1.0 / r2) * (a_t * (phi_1 / h + 1)) * (m_s2 - m_s)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Head sampler 2: MAR's DDPM with learned variance over respaced steps (the official online evaluation)
+# ----------------------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def ddpm_tables(steps):
+    """IDDPM respacing of the 1000-step cosine schedule to `steps` steps (space_timesteps(1000, str(steps))): the
+    original step of each respaced one, and the float32 tables p(x_{t-1} | x_t) needs, computed in float64."""
+    ac_full = emigm.GaussianDiffusion().alphas_cumprod  # float64 (1000,)
+    stride = (len(ac_full) - 1) / (steps - 1)
+    use = torch.tensor([round(i * stride) for i in range(steps)])
+    ac = ac_full[use]
+    ac_prev = torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
+    betas = 1 - ac / ac_prev
+    post_var = betas * (1 - ac_prev) / (1 - ac)
+    tab = dict(log_beta=betas.log(), post_logvar=torch.cat([post_var[1:2], post_var[1:]]).log(),
+               recip=(1 / ac).sqrt(), recipm1=(1 / ac - 1).sqrt(),
+               coef1=betas * ac_prev.sqrt() / (1 - ac), coef2=(1 - ac_prev) * (1 - betas).sqrt() / (1 - ac))
+    return use, {k: v.float() for k, v in tab.items()}
+
+
+@torch.no_grad()
+def ddpm_sample(net, noise, cond, uncond=None, cfg=1.0, steps=100, temperature=1.0, generator=None):
+    """Ancestral sampling with the head's learned-range variance. Same arguments as dpm_solver_sample; the
+    temperature scales the per-step noise only (MAR). With CFG only eps is guided, the variance is the cond one's."""
+    use, tab = ddpm_tables(steps)
+    C, x, guided = noise.shape[1], noise, uncond is not None and cfg != 1.0
+    c_in = torch.cat([cond, uncond]) if guided else cond
+    for i in reversed(range(steps)):
+        t = torch.full((len(c_in),), int(use[i]), device=x.device)  # the net sees the original step
+        out = net(torch.cat([x, x]) if guided else x, t, c_in)
+        eps, var_out = out[:len(x), :C], out[:len(x), C:]
+        if guided:
+            eps = out[len(x):, :C] + cfg * (eps - out[len(x):, :C])
+        frac = (var_out + 1) / 2
+        logvar = frac * tab["log_beta"][i] + (1 - frac) * tab["post_logvar"][i]
+        x0 = tab["recip"][i] * x - tab["recipm1"][i] * eps
+        x = tab["coef1"][i] * x0 + tab["coef2"][i] * x  # the posterior mean
+        if i > 0:
+            z = torch.randn(x.shape, generator=generator, device=generator.device if generator is not None else x.device)
+            x = x + torch.exp(0.5 * logvar) * z.to(x.device) * temperature
+    return x
+
+
+HEAD_SAMPLERS = {"dpm-solver": dpm_solver_sample, "ddpm": ddpm_sample}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The mask-prediction loop (Sec. 3, Fig. 2)
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_revealed(model, tokens, mask, reveal, class_emb, cfg=1.0, guided=False, head_sampler="dpm-solver",
+                     head_steps=8, temperature=1.0, generator=None, noise=None):
+    """One step: a transformer pass on the masked input (on [cond; uncond] rows when `guided`), then the head samples
+    the tokens of `reveal` only. tokens (B, L, C), mask/reveal (B, L) bool, class_emb (B, D). noise (n, C): the head's
+    initial noise (drawn from `generator` if None). Returns the new tokens (B, L, C)."""
+    B, C = tokens.shape[0], tokens.shape[2]
+    x, m, c = tokens, mask, class_emb
+    if guided:  # CFG with mask (Fig. 2e): the same masked input with the fake class embedding
+        x, m, c = torch.cat([x, x]), torch.cat([m, m]), torch.cat([c, model.fake_latent.expand(B, -1).to(c.dtype)])
+    z = model.forward_decoder(model.forward_encoder(x, m, c), m)  # (B or 2B, L, D)
+    z_cond = z[:B][reveal]  # (n, D), row-major like the official z[mask_to_pred]
+    z_uncond = z[B:][reveal] if guided else None
+    if noise is None:
+        dev = generator.device if generator is not None else z.device
+        noise = torch.randn(len(z_cond), C, generator=generator, device=dev).to(z.device)
+    kw = dict(temperature=temperature, generator=generator) if head_sampler == "ddpm" else {}
+    head = HEAD_SAMPLERS[head_sampler](model.diffloss.net, noise, z_cond.float(), None if z_uncond is None else
+                                       z_uncond.float(), cfg, head_steps, **kw)  # (n, C); the head in fp32
+    tokens = tokens.clone()
+    tokens[reveal] = head.to(tokens.dtype)
+    return tokens
+
+
+@torch.no_grad()
+def sample_tokens(model, labels, num_iter=16, cfg=4.0, cfg_schedule="constant", cfg_interval=(0.1, 0.3),
+                  head_sampler="dpm-solver", head_steps=8, temperature=1.0, generator=None):
+    """labels (B,) int64 -> tokens (B, L, C). K = num_iter steps; CFG (scale cfg, schedule cfg_schedule) only on the
+    steps whose next time lies in cfg_interval = (t_min, t_max]; `generator` drives all randomness (its device)."""
+    if cfg_schedule not in CFG_SCHEDULES or head_sampler not in HEAD_SAMPLERS:
+        raise ValueError(f"cfg_schedule must be one of {list(CFG_SCHEDULES)} and head_sampler one of "
+                         f"{list(HEAD_SAMPLERS)}; got {cfg_schedule!r}, {head_sampler!r}")
+    B, L, C = len(labels), model.seq_len, model.token_channels
+    dev = labels.device
+    _, p = reveal_schedule(num_iter, model.mask_schedule)
+    guided_steps = cfg_steps(num_iter, cfg, cfg_interval).tolist()
+    tokens = torch.zeros(B, L, C, device=dev)
+    mask = torch.ones(B, L, dtype=torch.bool, device=dev)  # True = still masked
+    class_emb = model.class_emb(labels)  # (B, D)
+    for k in range(num_iter):
+        if not mask[0].any():  # everything was revealed early (possible, rare): nothing left to do
+            break
+        reveal = choose_reveal(mask, p[k].item(), generator)  # (B, L)
+        mask = mask & ~reveal
+        scale = 1.0
+        if guided_steps[k]:
+            f = CFG_SCHEDULES[cfg_schedule]
+            scale = cfg if f is None else 1 + (cfg - 1) * f(1 - mask[0].sum().item() / L)  # u: revealed share after
+        tokens = predict_revealed(model, tokens, mask | reveal, reveal, class_emb, scale, guided_steps[k],
+                                  head_sampler, head_steps, temperature, generator)
+    return tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: a grid for eyes, an ADM-style .npz for FID (process-count independent), a benchmark
+# ----------------------------------------------------------------------------------------------------------------
+def size_of(config):
+    """(size, img_size) of the preset whose architecture config matches, else None."""
+    arch = lambda c: (c["width"], c["depth"], c["num_heads"], c["head_depth"], c["head_width"], c["token_channels"])
+    if arch(config) == arch(emigm.TINY):
+        return "Tiny", 28
+    for name, s in emigm.SIZES.items():
+        for img, (hd, hw) in s["head"].items():
+            if arch(config) == arch({**s, "head_depth": hd, "head_width": hw, **emigm.TOKENS[img]}):
+                return name, img
+    return None
+
+
+def load_model(args, device):
+    """Our checkpoints rebuild from their 'config'; official ones (no config) from --size/--img-size."""
+    ckpt = emigm.load_checkpoint(args.ckpt)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{args.ckpt} is not an eMIGM checkpoint (expected a dict with 'model')")
+    if ckpt.get("config"):
+        model = emigm.EMIGM(**ckpt["config"])
+    elif args.size:
+        model = emigm.EMIGM_models[args.size](img_size=args.img_size)
+    else:
+        raise ValueError(f"{args.ckpt} has no 'config' (an official checkpoint?): pass --size and --img-size")
+    emigm.load_weights(model, ckpt, ema=not args.no_ema)
+    return model.to(device).eval(), ckpt.get("args") or {}
+
+
+def settings(args, model):
+    """Fill the sampler settings not given on the command line from the paper preset for (size, img_size, K)."""
+    size = (args.size, args.img_size) if args.size else size_of(model.config)
+    preset = PRESETS.get(size, {}).get(args.nfe)
+    given = (args.head_steps, args.cfg, args.cfg_schedule, args.cfg_interval)
+    if preset is None and None in given:
+        known = {f"{s}@{img}px": sorted(k) for (s, img), k in PRESETS.items()}
+        raise ValueError(f"no paper preset for K={args.nfe} with {size}; presets: {known}; or pass --head-steps, "
+                         f"--cfg, --cfg-schedule and --cfg-interval")
+    steps, cfg, sched, interval = [g if g is not None else p for g, p in zip(given, preset or given)]
+    return dict(num_iter=args.nfe, cfg=cfg, cfg_schedule=sched, cfg_interval=tuple(interval),
+                head_sampler=args.head_sampler, head_steps=steps, temperature=args.temperature)
+
+
+def to_uint8(images):
+    """(B, c, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounded as MAR; grey images repeated to 3 channels (ADM)."""
+    x = ((images.float() + 1) / 2 * 255).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return x.expand(-1, -1, -1, 3).cpu().numpy() if x.shape[-1] == 1 else x.cpu().numpy()
+
+
+def generate(model, tok, labels, kw, seed, device):
+    """Images of one batch, all randomness from a generator seeded by `seed` alone."""
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        return to_uint8(tok.decode(sample_tokens(model, labels.to(device), generator=gen, **kw)))
+
+
+def bulk(model, tok, kw, args, rank, world, device):
+    """N images, exactly N / num_classes per class (image i has class i % num_classes). Batch j is seeded from
+    (seed, j) and written to its own file, batches dealt round-robin to ranks: the bytes do not depend on the number
+    of processes, and a restart skips finished batches. Rank 0 assembles samples.npz (arr_0 images, arr_1 labels)."""
+    from tqdm import tqdm
+    n, nc, out = args.num_images, model.num_classes, Path(args.out)
+    if n % nc:
+        raise ValueError(f"--num-images {n} is not a multiple of the {nc} classes")
+    labels = torch.arange(n) % nc
+    batches = list(range(math.ceil(n / args.batch_size)))
+    (out / "batches").mkdir(parents=True, exist_ok=True)
+    times, done = [], 0
+    for j in tqdm(batches[rank::world], disable=rank != 0, desc="sampling"):
+        path = out / "batches" / f"{j:06d}.npy"
+        if path.exists():
+            continue
+        start = time.time()
+        images = generate(model, tok, labels[j * args.batch_size:(j + 1) * args.batch_size], kw,
+                          (args.seed << 32) + j, device)
+        np.save(path.with_suffix(".tmp.npy"), images)
+        os.replace(path.with_suffix(".tmp.npy"), path)
+        times.append(time.time() - start)
+        done += len(images) if len(times) > 1 else 0  # the first batch is the warm-up
+    if rank == 0 and len(times) > 1:
+        print(f"{sum(times[1:]) / done:.3f} s/image on rank 0 after a warm-up batch")
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return
+    arr = np.concatenate([np.load(out / "batches" / f"{j:06d}.npy") for j in batches])
+    np.savez(out / "samples.npz", arr_0=arr, arr_1=labels.numpy())
+    for j in batches:
+        (out / "batches" / f"{j:06d}.npy").unlink()
+    (out / "batches").rmdir()
+    print(f"wrote {out / 'samples.npz'}: {arr.shape} uint8, {n // nc} per class")
+    if args.fid_ref:
+        import fid
+        if args.fid_ref == "fashion-mnist":  # our offline metric for 28x28 data (not Inception FID)
+            import tokenizer
+            train = tokenizer.load_fashion_mnist("train")
+            metric = fid.SmallDataMetric(*train, Path.home() / ".cache" / "emigm-mini" / "small_metric.pt")
+            print(fid.SmallDataMetric.label, metric.evaluate(arr[..., 0], labels.numpy()))
+        else:
+            print(fid.compute_metrics(arr, args.fid_ref, model=fid.load_inception(args.inception, device)))
+
+
+def grid(model, tok, kw, args, device):
+    """One row per class, --per-class images in each, saved as a PNG."""
+    from PIL import Image
+    classes = args.classes or (list(range(model.num_classes)) if model.num_classes <= 16 else
+                               [207, 360, 387, 974, 88, 979, 417, 279])  # DiT's sample classes
+    labels = torch.tensor(classes).repeat_interleave(args.per_class)
+    start = time.time()
+    images = np.concatenate([generate(model, tok, labels[i:i + args.batch_size], kw, (args.seed << 32) + i, device)
+                             for i in range(0, len(labels), args.batch_size)])
+    print(f"{(time.time() - start) / len(labels):.3f} s/image (including the first batch)")
+    h, w = images.shape[1:3]
+    rows = images.reshape(len(classes), args.per_class, h, w, 3).transpose(0, 2, 1, 3, 4)
+    Image.fromarray(rows.reshape(len(classes) * h, args.per_class * w, 3)).save(args.grid)
+    print(f"wrote {args.grid}")
+
+
+def bench(args):
+    """Random-weight XS at 256px: s/image at K=16 (x1.2) and K=128 (x1.4) per batch size, the share of the fp32 matmul
+    peak measured in this process (FLOPs counted by hooks on every Linear and attention), linear-in-K and CFG checks."""
+    a = torch.randn(2048, 2048)
+    peak = max(2 * 2048 ** 3 / timed(lambda: a @ a)[0] for _ in range(5))
+    torch.manual_seed(0)
+    model, flops = emigm.EMIGM_models["XS"]().eval(), [0]
+    for m in model.modules():  # forward hooks: cheap, and count exactly what runs
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
+        elif isinstance(m, emigm.Attention):  # q k^T and attn v
+            m.register_forward_hook(lambda m, i, o: flops.append(4 * i[0].shape[0] * i[0].shape[1] ** 2 * o.shape[2]))
+
+    def run(k, batch, interval, head_steps):
+        flops.clear()
+        gen, labels = torch.Generator().manual_seed(0), torch.arange(batch) % 1000
+        dt, _ = timed(lambda: sample_tokens(model, labels, k, 4.0, "constant", interval, "dpm-solver", head_steps,
+                                            generator=gen))
+        return dt, sum(flops)
+
+    print(f"fp32 matmul peak measured here: {peak / 1e9:.0f} GFLOP/s (2048^3, best of 5)")
+    run(4, 1, (0.1, 0.3), 8)  # warm-up
+    res = {}
+    for k, interval, steps in ((16, (0.1, 0.3), 8), (128, (0.18, 0.6), 14)):
+        for b in args.bench_batches:
+            dt, fl = res[k, b] = run(k, b, interval, steps)
+            print(f"K={k:3d} NFE = {k} x {nfe(k, 4.0, interval)[1]:.4f}, {steps} head steps, batch {b:2d}: "
+                  f"{dt / b:.3f} s/image, {fl / 1e12:.3f} TFLOP, {fl / dt / 1e9:.0f} GFLOP/s = {fl / dt / peak:.0%} of peak")
+    b = args.bench_batches[0]
+    pred = 128 * nfe(128, 4.0, (0.18, 0.6))[1] / (16 * nfe(16, 4.0, (0.1, 0.3))[1])
+    print(f"linear in K (batch {b}): time K=128 / K=16 = {res[128, b][0] / res[16, b][0]:.2f}, NFE predicts {pred:.2f},"
+          f" FLOPs {res[128, b][1] / res[16, b][1]:.2f}")
+    dt_all, fl_all = run(16, b, (0.0, 1.0), 8)
+    print(f"CFG interval (K=16, batch {b}): time with (0.1, 0.3] / CFG on all steps = {res[16, b][0] / dt_all:.3f}, "
+          f"NFE predicts {nfe(16, 4.0, (0.1, 0.3))[1] / 2:.3f}, FLOPs {res[16, b][1] / fl_all:.3f}")
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="eMIGM sampling: grid PNG, ADM .npz for FID, or --bench")
+    p.add_argument("--ckpt", help="our checkpoint (with 'config') or an official one (then pass --size)")
+    p.add_argument("--size", choices=list(emigm.EMIGM_models), help="model size (default: the checkpoint's config)")
+    p.add_argument("--img-size", type=int, default=256, choices=[256, 512])
+    p.add_argument("--nfe", type=int, default=16, help="K, the number of mask-prediction steps (presets: 16, 128)")
+    p.add_argument("--cfg", type=float, help="guidance scale (preset: 4.0)")
+    p.add_argument("--cfg-schedule", choices=list(CFG_SCHEDULES), help="(preset: constant)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("T_MIN", "T_MAX"), help="CFG iff T_MIN < s <= T_MAX")
+    p.add_argument("--head-sampler", default="dpm-solver", choices=list(HEAD_SAMPLERS))
+    p.add_argument("--head-steps", type=int, help="head sampler steps (presets: 8 for K=16, 14 for K=128; ddpm: 100)")
+    p.add_argument("--temperature", type=float, default=1.0, help="ddpm only; the official DPM-Solver ignores it")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--tokenizer", choices=["kl16", "dcae", "pixel"], help="default: from the model's token shape")
+    p.add_argument("--vae", help="tokenizer weights: kl16.ckpt or the DC-AE diffusers directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="per process; the output depends on it")
+    p.add_argument("--classes", type=int, nargs="*", help="grid rows (default: DiT's 8 classes, or all if <= 16)")
+    p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--grid", default="samples.png")
+    p.add_argument("--num-images", type=int, help="bulk mode: write OUT/samples.npz with this many images")
+    p.add_argument("--out", help="bulk mode output directory")
+    p.add_argument("--fid-ref", help="FID reference (stats .npz / ADM batch / folder), or 'fashion-mnist'")
+    p.add_argument("--inception", help="Inception weights for --fid-ref")
+    p.add_argument("--bench", action="store_true", help="time the sampler with random XS weights")
+    p.add_argument("--bench-batches", type=int, nargs="+", default=[1, 16, 64])
+    args = p.parse_args(argv)
+    try:
+        bench(args) if args.bench else run(args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {' '.join(str(e.args[0] if e.args else e).split())}") from None
+
+
+def run(args):
+    import tokenizer
+    if not args.ckpt or (args.num_images is None) != (args.out is None):
+        raise ValueError("pass --ckpt, and --num-images with --out for bulk mode (or --bench)")
+    distributed = "RANK" in os.environ  # launched by torchrun
+    cuda = torch.cuda.is_available()
+    if distributed:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
+    model, cargs = load_model(args, device)
+    kw = settings(args, model)
+    cargs = vars(cargs) if isinstance(cargs, argparse.Namespace) else cargs
+    kind = args.tokenizer or cargs.get("tokenizer") or ("pixel" if model.seq_len != 256 else
+                                                         "dcae" if model.token_channels == 32 else "kl16")
+    tok = tokenizer.load_tokenizer(kind, args.vae or cargs.get("vae")).to(device).eval()
+    if tok.channels != model.token_channels:
+        raise ValueError(f"tokenizer {kind!r} has {tok.channels} channels, the model {model.token_channels}")
+    if rank == 0:
+        k, f = nfe(kw["num_iter"], kw["cfg"], kw["cfg_interval"])
+        print(f"NFE = {k} x {f:.4f} (~{k} x {f:.1f}); {kw}")
+    if args.num_images is not None:
+        bulk(model, tok, kw, args, rank, world, device)
+    else:
+        grid(model, tok, kw, args, device)
+    if rank == 0:
+        mem = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(f"peak memory {mem / 2 ** 30:.2f} GiB ({'allocated on the GPU' if cuda else 'max RSS'})")
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

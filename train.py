@@ -1,0 +1,529 @@
+"""Train eMIGM (You et al. 2025, "Effective and Efficient Masked Image Generation Models", arXiv 2503.07197).
+
+One loop for every scale. The defaults are the official recipe (AdamW betas (0.9, 0.95), weight decay 0.02 except on
+1-D params, biases and the diffusion head; lr = blr x global batch / 256 with blr 1e-4, 100 warmup epochs then constant;
+grad clip 3.0; EMA 0.9999; 64 images per GPU; 800 epochs), and every design choice of the paper's Fig. 2 is a flag.
+
+    torchrun --nproc_per_node 8 train.py --size B --cached-path cache/    # latents cached by `tokenizer.py cache`
+    torchrun --nproc_per_node 8 train.py --size B --data-path imagenet/train --vae-path kl16.ckpt
+    python train.py --demo                 # Fashion-MNIST on 2 CPU cores in <= 10 minutes: grid, Frechet distance, accuracy
+    python train.py --bench --size XS      # step time, images/s, peak memory, share of the fp32 matmul peak
+
+Exact resume: `--resume out/last.pt` restores weights, EMA, optimizer, step, sampler position and every rank's RNG
+state, so N steps straight and N/2 + resume + N/2 give the same parameters (bitwise on CPU).
+"""
+import argparse
+import contextlib
+import copy
+import csv
+import itertools
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+import emigm
+
+# The Fashion-MNIST demo (issue 6, item 7): flags tuned to finish in <= 10 minutes on 2 CPU cores (see README).
+DEMO = dict(dataset="fashion-mnist", size="Tiny", global_batch_size=64, blr=4e-3, warmup_epochs=0.05, max_steps=2500,
+            lr_schedule="cosine", ema_decay=0.999, patch=4, log_every=100, ckpt_every=0, sample_every=0,
+            num_iter=16, cfg=3.0, cfg_interval=[0.0, 1.0], eval_samples=1000, results_dir="out/demo")
+GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # ImageNet classes shown in grids (those of DiT's sample.py)
+
+
+def fail(msg):
+    """Stop with a one-line error (no traceback): bad paths, sizes and batch sizes are the user's, not bugs."""
+    raise SystemExit(f"train.py: error: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed set-up (DiT's block, optional): torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process
+# ----------------------------------------------------------------------------------------------------------------
+def setup_distributed():
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type ==
+                                "cuda" else None)
+    return rank, world, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def create_logger(results_dir, rank):
+    """Rank 0 logs to stdout and results_dir/log.txt; the other ranks are silent."""
+    logger = logging.getLogger("train")
+    logger.handlers.clear()
+    logger.propagate = False
+    if rank == 0:
+        fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
+        for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(Path(results_dir) / "log.txt")):
+            h.setFormatter(fmt)
+            logger.addHandler(h)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: every source yields (x, label) batches plus a function turning x into tokens (B, L, C) on the device
+# ----------------------------------------------------------------------------------------------------------------
+def build_data(args, device):
+    """-> (dataset, to_tokens, tokenizer or None). to_tokens(x) gives (B, L, C) float tokens on device."""
+    import tokenizer
+    if args.dataset == "random":  # benchmark and tests: Gaussian tokens, made once the model's shape is known
+        return None, lambda x: x.to(device), None
+    if args.dataset == "fashion-mnist":  # pixel tokens: no VAE
+        if args.data_path and not os.path.isdir(args.data_path):
+            fail(f"--data-path {args.data_path} does not exist (give the folder of the Fashion-MNIST IDX files)")
+        images, labels = tokenizer.load_fashion_mnist("train", args.data_path)  # (N, 28, 28) uint8, (N,)
+        tok = tokenizer.PixelTokenizer(patch=args.patch, img_size=28, in_channels=1).to(device)
+        return TensorDataset(images, labels), lambda x: tok.encode(x.to(device)[:, None].float() / 127.5 - 1), tok
+    if args.cached_path:  # latents cached by `tokenizer.py cache`: the dataset draws the flip and the posterior sample
+        if not os.path.isdir(args.cached_path):
+            fail(f"--cached-path {args.cached_path} does not exist (write it with `python tokenizer.py cache`)")
+        ds = tokenizer.CachedLatents(args.cached_path)  # read in this process: its draws use the saved RNG
+        tok = tokenizer.load_tokenizer(ds.kind, args.vae).to(device).eval() if args.vae else None  # for grids only
+        return ds, lambda x: x.to(device), tok
+    if not args.data_path or not os.path.isdir(args.data_path):
+        fail(f"--data-path {args.data_path} does not exist: give an ImageFolder tree, --cached-path or --dataset")
+    if not args.vae or not os.path.isfile(args.vae):
+        fail(f"--vae {args.vae} does not exist: ImageFolder training encodes through MAR's kl16.ckpt")
+    tok = tokenizer.load_tokenizer("kl16", args.vae).to(device).eval()
+
+    @torch.no_grad()
+    def to_tokens(x):  # (B, 3, H, W) in [-1, 1]: random horizontal flip (official augmentation), then the VAE in fp32
+        flip = torch.rand(len(x)) < 0.5  # global RNG, saved in checkpoints: a resume replays the same flips
+        return tok.encode(torch.where(flip[:, None, None, None], x.flip(-1), x).to(device))  # posterior sample
+    return tokenizer.ImageFolder(args.data_path, args.img_size), to_tokens, tok
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (same shuffle per epoch on every rank) that can start part-way through an epoch."""
+
+    start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return super().__len__() - self.start
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimisation: official parameter groups, lr schedule, EMA
+# ----------------------------------------------------------------------------------------------------------------
+def param_groups(model, weight_decay):
+    """Official: no decay for 1-D params, biases and the whole diffusion head; pos-embeds, class_emb, fake_latent
+    ((1, D)) are decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim == 1 or name.endswith(".bias") or "diffloss" in name else decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def lr_at(step, steps_per_epoch, total_steps, args):
+    """Linear warmup per iteration over warmup_epochs (official: lr x epoch_float / warmup), then constant (official)
+    or cosine to min_lr (MAR's option; the CPU demo uses it)."""
+    epoch = step / steps_per_epoch
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    if args.lr_schedule == "constant":
+        return args.lr
+    warm = args.warmup_epochs * steps_per_epoch
+    progress = (step - warm) / max(total_steps - warm, 1)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def update_ema(ema_params, params, decay):
+    """ema = decay * ema + (1 - decay) * p after every step, from a copy of the initial weights (official)."""
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, params, alpha=1 - decay)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts, written atomically by rank 0, loadable with weights_only=True
+# ----------------------------------------------------------------------------------------------------------------
+def gather_rng_states(world):
+    """Every rank's torch RNG states (CPU and, on GPU, CUDA), so that a resume replays the same masks and noise."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(path, checkpoint):
+    tmp = Path(str(path) + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated last.pt
+
+
+def resume(path, model, ema, optimizer, world, rank):
+    """Restore everything but the RNG (restored last, right before the first step). Returns the checkpoint."""
+    if not os.path.isfile(path):
+        fail(f"--resume {path}: no such checkpoint")
+    ckpt = emigm.load_checkpoint(path)
+    diff = [f"{k}={ckpt['config'].get(k)} (this run {v})" for k, v in model.config.items() if ckpt["config"].get(k) != v]
+    if diff:
+        fail(f"--resume {path} was trained with a different model: {', '.join(diff)}")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return ckpt
+
+
+def restore_rng(states, world, rank, logger):
+    if len(states) != world:
+        logger.info(f"warning: checkpoint from {len(states)} processes, now {world}: RNG streams start afresh")
+        return
+    torch.set_rng_state(states[rank]["cpu"])
+    if "cuda" in states[rank] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[rank]["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation through sample.py: a class-conditional grid, and on Fashion-MNIST the small-data metric of fid.py
+# ----------------------------------------------------------------------------------------------------------------
+def sampler_settings(args):
+    return dict(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule, cfg_interval=tuple(args.cfg_interval),
+                head_sampler="dpm-solver", head_steps=args.head_steps, temperature=1.0)
+
+
+def generate(ema, tok, labels, args, batch=250):
+    """EMA samples -> uint8 (N, H, W, 3). Seeded generators of their own: evaluating never touches the training RNG."""
+    import sample
+    return np.concatenate([sample.generate(ema, tok, lab, sampler_settings(args), (args.seed << 32) + i, lab.device)
+                           for i, lab in enumerate(labels.split(batch))])
+
+
+def evaluate(ema, tok, args, step, device, logger, metric=None):
+    """Write the EMA grid (a row per class) and, with a metric, log the small-data Frechet distance and accuracy."""
+    from PIL import Image
+    if tok is None:
+        logger.info("no decoder for grids: pass --vae")
+        return {}
+    classes = list(range(ema.num_classes)) if ema.num_classes <= 16 else list(GRID_CLASSES)
+    images = generate(ema, tok, torch.tensor(classes, device=device).repeat_interleave(args.grid_per_class), args)
+    n, h, w, c = images.shape
+    path = Path(args.results_dir) / f"grid_{step:07d}.png"
+    rows = images.reshape(len(classes), -1, h, w, c).transpose(0, 2, 1, 3, 4)  # (rows, H, cols, W, c)
+    Image.fromarray(rows.reshape(len(classes) * h, -1, c)).save(path)
+    logger.info(f"step {step}: EMA grid -> {path}")
+    result = {"grid": str(path)}
+    if metric is not None:
+        labels = torch.arange(args.eval_samples, device=device) % ema.num_classes  # balanced classes
+        result.update(metric.evaluate(generate(ema, tok, labels, args)[..., 0], labels.cpu().numpy()))
+        logger.info(f"step {step}: small-data Frechet distance {result['frechet']:.3f}, conditional accuracy "
+                    f"{result['accuracy']:.3f} ({args.eval_samples} EMA samples, K={args.num_iter}, cfg {args.cfg})")
+    return result
+
+
+def small_data_metric(args):
+    """fid.py's offline metric for 28x28 data: a small CNN trained once on the train split (cached)."""
+    import fid
+    import tokenizer
+    images, labels = tokenizer.load_fashion_mnist("train", args.data_path)
+    return fid.SmallDataMetric(images.numpy(), labels.numpy(), args.metric_cache)
+
+
+def report_demo(metric, result, args, seconds, logger):
+    """The demo's verdict: the samples' metrics next to real test images, the same number of them (same bias)."""
+    import fid
+    import tokenizer
+    test_images, test_labels = (t[:args.eval_samples].numpy() for t in tokenizer.load_fashion_mnist("test",
+                                                                                                   args.data_path))
+    base = metric.baselines(test_images, test_labels)
+    logger.info(f"{fid.SmallDataMetric.label}, {args.eval_samples} images each:\n"
+                f"  samples      FD {result['frechet']:8.3f}   conditional accuracy {result['accuracy']:.3f}\n"
+                f"  3x3 blur     FD {base['blur3x3']:8.3f}   (real test images through a 3x3 box blur)\n"
+                f"  real test    FD {base['real_test']:8.3f}   classifier accuracy {base['classifier_accuracy']:.3f}"
+                f" (the ceiling)\n  floor        FD {base['floor']:8.3f}   (test half against test half)\n"
+                f"  targets: accuracy >= 0.80 {'met' if result['accuracy'] >= 0.8 else 'MISSED'}, FD below the blur "
+                f"{'met' if result['frechet'] < base['blur3x3'] else 'MISSED'}; {seconds / 60:.1f} minutes in all; "
+                f"grid {result['grid']}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def build_model(args, tok=None):
+    """The --size preset with the flags given on the command line (None = the preset's value, which is official)."""
+    over = {k: getattr(args, k) for k in ("width", "depth", "num_heads", "head_depth", "head_width", "buffer_size",
+            "mask_schedule", "loss_weighting", "t_min", "label_drop_prob", "diffusion_batch_mul") if getattr(args, k)
+            is not None}
+    if args.dropout is not None:
+        over.update(attn_dropout=args.dropout, proj_dropout=args.dropout)
+    if args.no_mae:  # Fig. 2c: the MAE trick off
+        over["use_mae"] = False
+    if args.no_cfg_with_mask:  # Fig. 2e: a separate mask token instead of the fake class embedding
+        over["cfg_with_mask"] = False
+    if tok is not None and args.dataset == "fashion-mnist":  # pixel tokens of 28x28 images, 10 classes
+        over.update(seq_len=tok.seq_len(28), token_channels=tok.channels, num_classes=10)
+    try:
+        return emigm.EMIGM_models[args.size](img_size=args.img_size, **over)
+    except ValueError as e:
+        fail(str(e))
+
+
+def main(args):
+    start_time = time.time()
+    rank, world, device = setup_distributed()
+    if args.global_batch_size is None:
+        args.global_batch_size = 64 * world  # 64 images per GPU (official B/L/H)
+    if args.global_batch_size % world:
+        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
+    local_bs = args.global_batch_size // world
+    args.lr = args.lr or args.blr * args.global_batch_size / 256  # official lr scaling
+    if rank == 0:
+        os.makedirs(args.results_dir, exist_ok=True)
+    barrier()
+    logger = create_logger(args.results_dir, rank)
+
+    ds, to_tokens, tok = build_data(args, device)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank, whatever the world size
+    model = build_model(args, tok).to(device)
+    if ds is None:
+        ds = random_tokens(model, args)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # the EMA copy: no gradients, always in eval mode
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+    sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    in_memory = isinstance(ds, TensorDataset)
+    loader = DataLoader(ds, batch_size=local_bs, sampler=sampler, drop_last=True, num_workers=0 if in_memory else
+                        args.num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+    steps_per_epoch = len(sampler) // local_bs
+    if steps_per_epoch == 0:
+        fail(f"{len(ds)} training examples cannot fill one global batch of {args.global_batch_size}")
+    total = args.max_steps or args.epochs * steps_per_epoch
+    step, rng_states = 0, None
+    if args.resume:
+        ckpt = resume(args.resume, model, ema, optimizer, world, rank)
+        step, rng_states = ckpt["step"], ckpt["rng"]
+    train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    # bf16 autocast on CUDA (the head's diffusion math stays fp32 inside emigm.py); plain fp32 on CPU or with --fp32
+    ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and not args.fp32 else contextlib.nullcontext()
+    metric = small_data_metric(args) if args.dataset == "fashion-mnist" and rank == 0 else None
+    logger.info(f"eMIGM-{args.size}: {sum(p.numel() for p in params):,} parameters, {len(ds):,} examples, "
+                f"{world} process(es) on {device}, global batch {args.global_batch_size}, lr {args.lr:.3g}, "
+                f"{total} steps ({steps_per_epoch} per epoch), starting at step {step}")
+    torch.manual_seed(args.seed + rank)  # per-rank streams for masks, noise, dropout and label drop (official)
+    if rng_states is not None:
+        restore_rng(rng_states, world, rank, logger)
+
+    csv_path = Path(args.results_dir) / "log.csv"
+    if rank == 0 and not csv_path.exists():
+        csv_path.write_text("step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb\n")
+    model.train()
+    result, stats, t_log, log_steps = {}, torch.zeros(2, dtype=torch.float64), time.time(), 0
+    pbar = tqdm(total=total, initial=step, disable=rank != 0 or not args.progress, dynamic_ncols=True)
+    while step < total:
+        sampler.set_epoch(step // steps_per_epoch)  # the same shuffle for a given epoch, straight or resumed
+        sampler.start = (step % steps_per_epoch) * local_bs  # resume mid-epoch where the run stopped
+        for x, labels in loader:
+            lr = lr_at(step, steps_per_epoch, total, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            tokens, labels = to_tokens(x), labels.to(device)  # (B, L, C), (B,)
+            with ctx:
+                loss = train_model(tokens, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # global L2 norm (DDP: all ranks)
+            loss_v, norm_v = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+            if not (math.isfinite(loss_v) and math.isfinite(norm_v)):  # stop before the update spoils the weights
+                fail(f"non-finite loss {loss_v} (grad norm {norm_v}) at step {step + 1}: stopping; "
+                     f"resume from {Path(args.results_dir) / 'last.pt'} with a lower lr or --fp32")
+            optimizer.step()
+            update_ema(ema_params, params, args.ema_decay)
+            step, log_steps = step + 1, log_steps + 1
+            stats += torch.tensor([loss_v, norm_v], dtype=torch.float64)
+            pbar.update(1)
+            if step % args.log_every == 0 or step == total:
+                if world > 1:
+                    dist.all_reduce(stats)
+                    stats /= world
+                elapsed, mem = time.time() - t_log, peak_memory_gb(device)
+                row = [step, step / steps_per_epoch, stats[0].item() / log_steps, lr, stats[1].item() / log_steps,
+                       log_steps * args.global_batch_size / elapsed, mem]
+                logger.info("step {} epoch {:.2f} loss {:.4f} lr {:.3g} grad norm {:.3f} {:.1f} img/s peak mem "
+                            "{:.2f} GB".format(*row))
+                if rank == 0:
+                    with open(csv_path, "a", newline="") as f:
+                        csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+                stats.zero_()
+                t_log, log_steps = time.time(), 0
+            names = ["last.pt"] * (step % args.save_every == 0 or step == total)
+            names += [f"ckpt_{step:07d}.pt"] * (args.ckpt_every > 0 and step % args.ckpt_every == 0)
+            if names:
+                write_checkpoint(names, model, ema, optimizer, step, steps_per_epoch, args, world, rank)
+            if step == total or (args.sample_every and step % args.sample_every == 0):
+                if rank == 0:
+                    result = evaluate(ema, tok, args, step, device, logger,
+                                      metric if step == total or args.periodic_metric else None)
+                barrier()
+            if step >= total:
+                break
+    pbar.close()
+    if rank == 0 and "accuracy" in result:
+        report_demo(metric, result, args, time.time() - start_time, logger)
+    barrier()
+    return model, ema
+
+
+def random_tokens(model, args):
+    g = torch.Generator().manual_seed(args.seed)
+    n, L, C = max(4 * args.global_batch_size, 256), model.seq_len, model.token_channels
+    return TensorDataset(torch.randn(n, L, C, generator=g), torch.randint(model.num_classes, (n,), generator=g))
+
+
+def write_checkpoint(names, model, ema, optimizer, step, steps_per_epoch, args, world, rank):
+    rng = gather_rng_states(world)  # collective: every rank takes part
+    if rank == 0:
+        ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                    epoch=step / steps_per_epoch, args=dict(vars(args)), config=model.config, rng=rng)
+        for name in names:
+            save_checkpoint(Path(args.results_dir) / name, ckpt)
+    barrier()  # nobody runs ahead (or exits) before the file is complete
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (Linux reports KiB)
+
+
+def bench(args):
+    """--bench: a full training step (forward, backward, clip, AdamW, EMA) of --size on random tokens of the 256px
+    shapes; FLOPs counted by torch's FlopCounterMode on the same steps (same seed), the peak timed on a 2048^3 matmul."""
+    from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+    with contextlib.suppress(Exception):  # count CPU flash attention as torch counts the GPU kernels
+        register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)(
+            lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v))
+    _, _, device = setup_distributed()
+    torch.manual_seed(args.seed)
+    model = build_model(args).to(device)
+    params, ema_params = list(model.parameters()), [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
+    B = args.global_batch_size or 8
+    x = torch.randn(B, model.seq_len, model.token_channels, device=device)
+    y = torch.randint(model.num_classes, (B,), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def step():
+        t = time.perf_counter()
+        loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        update_ema(ema_params, params, args.ema_decay)
+        sync()
+        return time.perf_counter() - t
+    step(), step()  # warm-up
+    torch.manual_seed(args.seed)  # the same masks for the timed and the counted steps
+    times = [step() for _ in range(args.bench_steps)]
+    torch.manual_seed(args.seed)
+    with FlopCounterMode(display=False) as counter:
+        [step() for _ in range(args.bench_steps)]
+    a = torch.randn(2048, 2048, device=device)
+    peak = max(2 * 2048 ** 3 / (lambda t: (a @ a, sync(), time.perf_counter() - t)[2])(time.perf_counter())
+               for _ in range(10))
+    t = sorted(times)[len(times) // 2]
+    achieved = counter.get_total_flops() / args.bench_steps / t
+    print(f"eMIGM-{args.size}, {model.seq_len} tokens x {model.token_channels} ch, batch {B}, {device}, "
+          f"{torch.get_num_threads()} threads: step {t:.3f} s (median of {args.bench_steps}), {B / t:.1f} images/s, "
+          f"peak memory {peak_memory_gb(device):.2f} GB, {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of the "
+          f"fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s, 2048^3 in this process)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--demo", action="store_true", help="the Fashion-MNIST CPU demo: " + str(DEMO))
+    p.add_argument("--bench", action="store_true", help="time a training step on random data (batch 8)")
+    p.add_argument("--bench-steps", type=int, default=5)
+    p.add_argument("--size", default="B", choices=list(emigm.EMIGM_models))
+    p.add_argument("--img-size", type=int, default=256, choices=[256, 512])
+    # data
+    p.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion-mnist", "random"])
+    p.add_argument("--data-path", help="ImageFolder root, or the Fashion-MNIST IDX folder (default: the system's)")
+    p.add_argument("--cached-path", help="latent shards written by `tokenizer.py cache` (instead of --data-path)")
+    p.add_argument("--vae", help="kl16.ckpt: encodes --data-path images, decodes grids")
+    p.add_argument("--patch", type=int, default=4, help="pixel patch of the Fashion-MNIST tokens (28 = 7 x 4)")
+    p.add_argument("--num-workers", type=int, default=8, help="ImageFolder decoding workers")
+    # the official recipe
+    p.add_argument("--epochs", type=int, default=800)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
+    p.add_argument("--global-batch-size", type=int, help="default: 64 per process")
+    p.add_argument("--blr", type=float, default=1e-4, help="lr = blr x global batch / 256")
+    p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine schedule")
+    p.add_argument("--warmup-epochs", type=float, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.02)
+    p.add_argument("--grad-clip", type=float, default=3.0)
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--seed", type=int, default=1, help="rank r uses seed + r (official)")
+    # the model: None = the preset's value; the preset defaults are the paper's (Fig. 2 choices marked)
+    p.add_argument("--mask-schedule", choices=list(emigm.SCHEDULES), help="Fig. 2a (paper: exp)")
+    p.add_argument("--loss-weighting", choices=list(emigm.WEIGHTINGS), help="Fig. 2b (paper: constant)")
+    p.add_argument("--no-mae", action="store_true", help="Fig. 2c: masked tokens enter the encoder")
+    p.add_argument("--t-min", type=float, help="Fig. 2d: time truncation (paper: 0.2)")
+    p.add_argument("--no-cfg-with-mask", action="store_true", help="Fig. 2e: a separate mask token")
+    p.add_argument("--diffusion-batch-mul", type=int, help="head copies per token (paper: 4)")
+    p.add_argument("--label-drop-prob", type=float, help="CFG training (paper: 0.1)")
+    p.add_argument("--dropout", type=float, help="attention and projection dropout (paper: 0.1)")
+    for name in ("width", "depth", "num-heads", "head-depth", "head-width", "buffer-size"):
+        p.add_argument(f"--{name}", type=int, help="override the preset")
+    # logging, checkpoints, evaluation
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--resume", help="a last.pt / ckpt_*.pt of this run")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=1000, help="steps between rolling last.pt writes")
+    p.add_argument("--ckpt-every", type=int, default=50000, help="steps between numbered checkpoints (0: none)")
+    p.add_argument("--sample-every", type=int, default=10000, help="steps between EMA grids (0: at the end only)")
+    p.add_argument("--periodic-metric", action="store_true", help="Fashion-MNIST: the metric with every grid")
+    p.add_argument("--eval-samples", type=int, default=1000)
+    p.add_argument("--metric-cache", default=str(Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"))
+    p.add_argument("--grid-per-class", type=int, default=8)
+    p.add_argument("--num-iter", type=int, default=16, help="sampling steps K")
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--cfg-schedule", default="constant")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 0.3], metavar=("T_MIN", "T_MAX"))
+    p.add_argument("--head-steps", type=int, default=8)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    if args.demo:  # the demo's values become the defaults; flags given explicitly still win
+        p.set_defaults(**DEMO)
+        args = p.parse_args(argv)
+    if args.cached_path:
+        args.dataset = "cached"
+    args.tokenizer = "pixel" if args.dataset == "fashion-mnist" else "dcae" if args.img_size == 512 else "kl16"
+    return args
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    bench(args) if args.bench else main(args)
