@@ -18,9 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------------------------------
-# Mask schedules (Table 4) and loss weighting (Fig. 2b)
-# ----------------------------------------------------------------------------------------------------------------
+# ==== Mask schedules (Table 4) and loss weighting (Fig. 2b) =======================================================
 # gamma_t is the probability that a token is masked at time t; gamma_1 = 1 (all masked), gamma_0 = 0 (clean).
 # Each entry: (gamma(t), gamma'(t)). 'poly0.5' and 'log' are the official code's extra options.
 E5 = math.exp(5.0)
@@ -68,9 +66,7 @@ def sample_mask(batch, seq_len, schedule="exp", t_min=0.2, generator=None, devic
     return mask.to(device), t
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Gaussian diffusion for the per-token head (IDDPM / DiT / MAR code, `create_diffusion("", "cosine")`)
-# ----------------------------------------------------------------------------------------------------------------
+# ==== Gaussian diffusion for the per-token head (IDDPM / DiT / MAR code, `create_diffusion("", "cosine")`) ========
 class GaussianDiffusion:
     """Cosine noise schedule with T steps, epsilon prediction and learned-range variance (Nichol & Dhariwal 2021).
     Tables are computed in float64 and stored cast to float32: the official code looks entries up in float64 and
@@ -140,9 +136,7 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The diffusion head: MAR's SimpleMLPAdaLN (keys diffloss.net.*)
-# ----------------------------------------------------------------------------------------------------------------
+# ==== The diffusion head: MAR's SimpleMLPAdaLN (keys diffloss.net.*) ==============================================
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
@@ -234,9 +228,7 @@ class DiffLoss(nn.Module):
         return self.diffusion.training_terms(self.net, target.float(), t, z, noise)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The transformer: timm 0.9.12 Block layout, so that the official keys load
-# ----------------------------------------------------------------------------------------------------------------
+# ==== The transformer: timm 0.9.12 Block layout, so that the official keys load ===================================
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, attn_dropout, proj_dropout):
         super().__init__()
@@ -277,9 +269,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# eMIGM
-# ----------------------------------------------------------------------------------------------------------------
+# ==== eMIGM =======================================================================================================
 class EMIGM(nn.Module):
     """MAE encoder-decoder over continuous tokens + per-token diffusion head (Sec. 3, Fig. 2).
 
@@ -294,11 +284,9 @@ class EMIGM(nn.Module):
         if mask_schedule not in SCHEDULES or loss_weighting not in WEIGHTINGS:
             raise ValueError(f"mask_schedule must be one of {list(SCHEDULES)} and loss_weighting one of "
                              f"{list(WEIGHTINGS)}; got {mask_schedule!r}, {loss_weighting!r}")
-        self.seq_len, self.token_channels, self.num_classes, self.buffer_size = seq_len, token_channels, num_classes, \
-            buffer_size
-        self.label_drop_prob, self.mask_schedule, self.loss_weighting, self.t_min = label_drop_prob, mask_schedule, \
-            loss_weighting, t_min
-        self.use_mae, self.diffusion_batch_mul = use_mae, diffusion_batch_mul
+        for name in ("seq_len", "token_channels", "num_classes", "buffer_size", "label_drop_prob", "mask_schedule",
+                     "loss_weighting", "t_min", "use_mae", "diffusion_batch_mul"):
+            setattr(self, name, self.config[name])
         block = partial(Block, width, num_heads, mlp_ratio, attn_dropout, proj_dropout)
         # Registration order = the official state_dict order. It matters for the tied vector below.
         self.fake_latent = nn.Parameter(torch.zeros(1, width))  # the unconditional ("fake") class embedding
@@ -391,9 +379,7 @@ class EMIGM(nn.Module):
         return terms["loss"].mean() * weight
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Size presets (Table 2; head configs of Tables 6 and 7) and checkpoint loading
-# ----------------------------------------------------------------------------------------------------------------
+# ==== Size presets (Table 2; head configs of Tables 6 and 7) and checkpoint loading ===============================
 TOKENS = {256: dict(seq_len=256, token_channels=16),   # KL-16 VAE: 16x16 latents of 16 channels
           512: dict(seq_len=256, token_channels=32)}   # DC-AE f32c32: 16x16 latents of 32 channels
 SIZES = {  # encoder = decoder (width, depth, heads); head (depth, width) at 256px and at 512px
@@ -436,15 +422,12 @@ def config_from_state_dict(state):
 
 
 def size_of(config):
-    """The preset name (and image size) whose architecture matches config, e.g. '--size B --img-size 256'."""
-    for name in SIZES:
-        for img_size in SIZES[name]["head"]:
-            with torch.device("meta"):  # shapes only: no memory, no time
-                preset = config_from_state_dict(create_emigm(name, img_size).state_dict())
-            if all(config.get(k, preset[k]) == v or (k == "decoder_depth" and not config.get(k))
-                   for k, v in preset.items()):
+    """The flags of the preset whose architecture is config (from config_from_state_dict), e.g. '--size B'."""
+    for name, img_size in [(n, i) for n in SIZES for i in SIZES[n]["head"]]:
+        with torch.device("meta"):  # shapes only: no memory, no time
+            if config_from_state_dict(create_emigm(name, img_size).state_dict()) == config:
                 return f"--size {name} --img-size {img_size}"
-    return "a model built with the checkpoint's own config"
+    return "the checkpoint's own architecture"
 
 
 def load_checkpoint(path):
@@ -452,23 +435,26 @@ def load_checkpoint(path):
     argparse.Namespace of their flags: that one class is allow-listed, nothing else."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at {path}: pass the path of an eMIGM .pth/.pt file") from None
+    except Exception as e:  # not a torch file, or one that pickles arbitrary objects
+        raise ValueError(f"cannot read {path} as a checkpoint ({str(e).splitlines()[0][:200]}): "
+                         f"pass an eMIGM checkpoint saved by train.py or the official code") from None
+    if not isinstance(checkpoint, dict) or not ({"model", "ema", "model_ema"} & set(checkpoint)):
+        raise ValueError(f"{path} holds no 'model'/'ema'/'model_ema' entry: pass an eMIGM checkpoint")
+    return checkpoint
 
 
 def load_weights(model, checkpoint, ema=True):
-    """Load the EMA (default) or raw weights of a checkpoint dict into model, strictly.
-
-    Ours hold 'model' and 'ema'; the official ones 'model' and 'model_ema'. Official EMA quirk (semantics sec. 2):
-    the official model_ema holds the EMA value under 'fake_latent' and the RAW value under 'mask_token'; load_state_dict
-    copies 'fake_latent' first and 'mask_token' second into the one tied Parameter, so the tied vector ends at the
-    raw value. We load the same way (same key order, same tied Parameter) and so evaluate exactly as the official code.
-    """
+    """Load the EMA (default) or raw weights of a checkpoint ({'model', 'ema'} ours, {'model', 'model_ema'} official).
+    Official EMA quirk (semantics sec. 2): the official model_ema holds the EMA value under 'fake_latent' but the RAW
+    value under 'mask_token'; load_state_dict copies 'fake_latent' first and 'mask_token' second into the one tied
+    Parameter, so the tied vector ends at the raw value. Same key order and tied Parameter here: the same result."""
     names = ("ema", "model_ema") if ema else ("model",)
     key = next((k for k in names if k in checkpoint), None)
     if key is None:
-        raise KeyError(f"checkpoint has no {' or '.join(names)} entry (it has {sorted(checkpoint)}); "
+        raise ValueError(f"checkpoint has no {' or '.join(names)} entry (it has {sorted(checkpoint)}); "
                        f"{'pass --no-ema to use the raw weights' if ema else 'is it an eMIGM checkpoint?'}")
     state = checkpoint[key]
     ours, theirs = config_from_state_dict(model.state_dict()), config_from_state_dict(state)

@@ -17,6 +17,7 @@ over the rows; here one vectorised draw gives every row a uniform subset of the 
 import argparse
 import math
 import os
+import pickle
 import resource
 import time
 from functools import lru_cache
@@ -31,17 +32,14 @@ import emigm
 SAMPLER_EPS = 1e-5  # the sampler's last time (training uses emigm.TRAIN_T_EPS)
 LAMBDA_CLIP = -5.1  # DPM-Solver drops the trailing steps with logSNR/2 below this (4 of cosine-1000's)
 
-# Paper presets (Table 2 and the official eval scripts): K -> (head steps, cfg, cfg schedule, CFG interval (t_min, t_max]).
+# Paper presets (Table 2, the official eval scripts): K -> (head steps, cfg, cfg schedule, CFG interval (t_min, t_max]).
 _P16, _P128 = (8, 4.0, "constant", (0.1, 0.3)), (14, 4.0, "constant", (0.18, 0.6))
-PRESETS = {
-    ("XS", 256): {16: _P16, 128: _P128},
-    ("S", 256): {16: _P16, 128: _P128},
-    ("B", 256): {16: _P16, 128: (14, 4.0, "constant", (0.05, 0.4))},
-    ("L", 256): {16: _P16, 128: _P128},
-    ("H", 256): {16: (8, 4.0, "constant", (0.2, 0.4)), 128: (14, 4.0, "constant", (0.3, 0.7))},
-    **{(size, 512): {16: (8, 4.0, "constant", (0.15, 0.35)), 64: (14, 4.0, "constant", (0.25, 0.5))}
-       for size in ("XS", "S", "B", "L")},  # 512px: the eval scripts' intervals; head steps for K=64 are ours
-}
+PRESETS = {("XS", 256): {16: _P16, 128: _P128}, ("S", 256): {16: _P16, 128: _P128}, ("L", 256): {16: _P16, 128: _P128},
+           ("B", 256): {16: _P16, 128: (14, 4.0, "constant", (0.05, 0.4))},
+           ("H", 256): {16: (8, 4.0, "constant", (0.2, 0.4)), 128: (14, 4.0, "constant", (0.3, 0.7))},
+           **{(size, 512): {16: (8, 4.0, "constant", (0.15, 0.35)), 64: (14, 4.0, "constant", (0.25, 0.5))}
+              for size in ("XS", "S", "B", "L")},  # 512px: the eval scripts' intervals; 14 head steps at K=64 are ours
+           ("Tiny", 28): {16: _P16}}  # ours, untuned: XS's settings
 # cfg schedules: the scale is 1 + (cfg - 1) f(u), u = share of tokens revealed after the step (official options)
 CFG_SCHEDULES = {"constant": None, "linear": lambda u: u, "power": lambda u: u ** 2, "cubic": lambda u: u ** 3,
                  "exp": lambda u: 1 - math.exp(-5 * u), "cosine": lambda u: math.cos(math.pi / 2 * (1 - u))}
@@ -105,10 +103,7 @@ class NoiseScheduleVP:
     def log_alpha(self, t):
         return interp(t, self.t_array, self.log_alpha_array)
 
-    def sigma(self, t):
-        return torch.sqrt(1 - torch.exp(2 * self.log_alpha(t)))
-
-    def lam(self, t):
+    def lam(self, t):  # lambda = log alpha - log sigma
         log_alpha = self.log_alpha(t)
         return log_alpha - 0.5 * torch.log(1 - torch.exp(2 * log_alpha))
 
@@ -134,7 +129,7 @@ def dpm_plan(steps):
     K = steps // 3 + 1
     orders = [3] * (K - 2) + [2, 1] if steps % 3 == 0 else [3] * (K - 1) + [steps % 3]
     outer = ns.time_steps(1.0, 1.0 / ns.total_N, K)  # t_T = 1 down to t_0 = 1/N
-    point = lambda t: (t, ns.log_alpha(t).exp(), ns.sigma(t))
+    point = lambda t: (t, ns.log_alpha(t).exp(), torch.sqrt(1 - torch.exp(2 * ns.log_alpha(t))))
     plan = []
     for s, t, order in zip(outer[:-1], outer[1:], orders):
         lam_inner = ns.lam(ns.time_steps(s.item(), t.item(), order))  # r1, r2 from a lambda-uniform split
@@ -227,7 +222,7 @@ def ddpm_sample(net, noise, cond, uncond=None, cfg=1.0, steps=100, temperature=1
         x0 = tab["recip"][i] * x - tab["recipm1"][i] * eps
         x = tab["coef1"][i] * x0 + tab["coef2"][i] * x  # the posterior mean
         if i > 0:
-            z = torch.randn(x.shape, generator=generator, device=generator.device if generator is not None else x.device)
+            z = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
             x = x + torch.exp(0.5 * logvar) * z.to(x.device) * temperature
     return x
 
@@ -248,15 +243,15 @@ def predict_revealed(model, tokens, mask, reveal, class_emb, cfg=1.0, guided=Fal
     x, m, c = tokens, mask, class_emb
     if guided:  # CFG with mask (Fig. 2e): the same masked input with the fake class embedding
         x, m, c = torch.cat([x, x]), torch.cat([m, m]), torch.cat([c, model.fake_latent.expand(B, -1).to(c.dtype)])
-    z = model.forward_decoder(model.forward_encoder(x, m, c), m)  # (B or 2B, L, D)
+    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):  # the transformer in bf16 on GPUs, the head fp32
+        z = model.forward_decoder(model.forward_encoder(x, m, c), m)  # (B or 2B, L, D)
     z_cond = z[:B][reveal]  # (n, D), row-major like the official z[mask_to_pred]
     z_uncond = z[B:][reveal] if guided else None
     if noise is None:
-        dev = generator.device if generator is not None else z.device
-        noise = torch.randn(len(z_cond), C, generator=generator, device=dev).to(z.device)
+        noise = torch.randn(len(z_cond), C, generator=generator, device=generator.device if generator else z.device)
     kw = dict(temperature=temperature, generator=generator) if head_sampler == "ddpm" else {}
-    head = HEAD_SAMPLERS[head_sampler](model.diffloss.net, noise, z_cond.float(), None if z_uncond is None else
-                                       z_uncond.float(), cfg, head_steps, **kw)  # (n, C); the head in fp32
+    head = HEAD_SAMPLERS[head_sampler](model.diffloss.net, noise.to(z.device), z_cond.float(), None if z_uncond is None
+                                       else z_uncond.float(), cfg, head_steps, **kw)  # (n, C); the head in fp32
     tokens = tokens.clone()
     tokens[reveal] = head.to(tokens.dtype)
     return tokens
@@ -270,10 +265,8 @@ def sample_tokens(model, labels, num_iter=16, cfg=4.0, cfg_schedule="constant", 
     if cfg_schedule not in CFG_SCHEDULES or head_sampler not in HEAD_SAMPLERS:
         raise ValueError(f"cfg_schedule must be one of {list(CFG_SCHEDULES)} and head_sampler one of "
                          f"{list(HEAD_SAMPLERS)}; got {cfg_schedule!r}, {head_sampler!r}")
-    B, L, C = len(labels), model.seq_len, model.token_channels
-    dev = labels.device
-    _, p = reveal_schedule(num_iter, model.mask_schedule)
-    guided_steps = cfg_steps(num_iter, cfg, cfg_interval).tolist()
+    B, L, C, dev = len(labels), model.seq_len, model.token_channels, labels.device
+    p, guided_steps = reveal_schedule(num_iter, model.mask_schedule)[1], cfg_steps(num_iter, cfg, cfg_interval).tolist()
     tokens = torch.zeros(B, L, C, device=dev)
     mask = torch.ones(B, L, dtype=torch.bool, device=dev)  # True = still masked
     class_emb = model.class_emb(labels)  # (B, D)
@@ -282,9 +275,8 @@ def sample_tokens(model, labels, num_iter=16, cfg=4.0, cfg_schedule="constant", 
             break
         reveal = choose_reveal(mask, p[k].item(), generator)  # (B, L)
         mask = mask & ~reveal
-        scale = 1.0
+        f, scale = CFG_SCHEDULES[cfg_schedule], 1.0
         if guided_steps[k]:
-            f = CFG_SCHEDULES[cfg_schedule]
             scale = cfg if f is None else 1 + (cfg - 1) * f(1 - mask[0].sum().item() / L)  # u: revealed share after
         tokens = predict_revealed(model, tokens, mask | reveal, reveal, class_emb, scale, guided_steps[k],
                                   head_sampler, head_steps, temperature, generator)
@@ -292,105 +284,91 @@ def sample_tokens(model, labels, num_iter=16, cfg=4.0, cfg_schedule="constant", 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line: a grid for eyes, an ADM-style .npz for FID (process-count independent), a benchmark
+# Command line: a grid for eyes, an ADM-style .npz for FID (the same bytes on any number of processes), a benchmark
 # ----------------------------------------------------------------------------------------------------------------
-def size_of(config):
-    """(size, img_size) of the preset whose architecture config matches, else None."""
-    arch = lambda c: (c["width"], c["depth"], c["num_heads"], c["head_depth"], c["head_width"], c["token_channels"])
-    if arch(config) == arch(emigm.TINY):
-        return "Tiny", 28
-    for name, s in emigm.SIZES.items():
-        for img, (hd, hw) in s["head"].items():
-            if arch(config) == arch({**s, "head_depth": hd, "head_width": hw, **emigm.TOKENS[img]}):
-                return name, img
-    return None
-
-
 def load_model(args, device):
     """Our checkpoints rebuild from their 'config'; official ones (no config) from --size/--img-size."""
-    ckpt = emigm.load_checkpoint(args.ckpt)
+    try:
+        ckpt = emigm.load_checkpoint(args.ckpt)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # not a (safe) torch file
+        raise ValueError(f"{args.ckpt} is not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{args.ckpt} is not an eMIGM checkpoint (expected a dict with 'model')")
-    if ckpt.get("config"):
-        model = emigm.EMIGM(**ckpt["config"])
-    elif args.size:
-        model = emigm.EMIGM_models[args.size](img_size=args.img_size)
-    else:
+    if not (ckpt.get("config") or args.size):
         raise ValueError(f"{args.ckpt} has no 'config' (an official checkpoint?): pass --size and --img-size")
+    model = (emigm.EMIGM(**ckpt["config"]) if ckpt.get("config")
+             else emigm.EMIGM_models[args.size](img_size=args.img_size))  # official: the paper's architecture
     emigm.load_weights(model, ckpt, ema=not args.no_ema)
-    return model.to(device).eval(), ckpt.get("args") or {}
+    extra = ckpt.get("args") or {}
+    return model.to(device).eval(), vars(extra) if isinstance(extra, argparse.Namespace) else extra
 
 
 def settings(args, model):
-    """Fill the sampler settings not given on the command line from the paper preset for (size, img_size, K)."""
-    size = (args.size, args.img_size) if args.size else size_of(model.config)
-    preset = PRESETS.get(size, {}).get(args.nfe)
-    given = (args.head_steps, args.cfg, args.cfg_schedule, args.cfg_interval)
+    """Sampler settings: the command line's, the rest from the paper preset for (size, img_size, K); the size is
+    --size or the preset with the checkpoint's architecture."""
+    arch = lambda c: [c[k] for k in ("width", "depth", "num_heads", "head_depth", "head_width", "token_channels")]
+    sizes = {(name, img): dict(s, head_depth=d, head_width=w, **emigm.TOKENS[img])
+             for name, s in emigm.SIZES.items() for img, (d, w) in s["head"].items()}
+    sizes["Tiny", 28] = emigm.TINY
+    size = next((key for key, c in sizes.items() if arch(c) == arch(model.config)), "unknown")
+    size = (args.size, 28 if args.size == "Tiny" else args.img_size) if args.size else size
+    head_steps = args.head_steps or (100 if args.head_sampler == "ddpm" else None)  # MAR's 100 DDPM steps
+    preset, given = PRESETS.get(size, {}).get(args.nfe), (head_steps, args.cfg, args.cfg_schedule, args.cfg_interval)
     if preset is None and None in given:
-        known = {f"{s}@{img}px": sorted(k) for (s, img), k in PRESETS.items()}
-        raise ValueError(f"no paper preset for K={args.nfe} with {size}; presets: {known}; or pass --head-steps, "
-                         f"--cfg, --cfg-schedule and --cfg-interval")
+        known = ", ".join(f"{s}@{img}: K in {sorted(k)}" for (s, img), k in PRESETS.items())
+        raise ValueError(f"no paper preset for K={args.nfe} and size {size} ({known}); "
+                         f"or pass all of --head-steps --cfg --cfg-schedule --cfg-interval")
     steps, cfg, sched, interval = [g if g is not None else p for g, p in zip(given, preset or given)]
     return dict(num_iter=args.nfe, cfg=cfg, cfg_schedule=sched, cfg_interval=tuple(interval),
                 head_sampler=args.head_sampler, head_steps=steps, temperature=args.temperature)
 
 
-def to_uint8(images):
-    """(B, c, H, W) in [-1, 1] -> uint8 (B, H, W, 3), rounded as MAR; grey images repeated to 3 channels (ADM)."""
-    x = ((images.float() + 1) / 2 * 255).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+def generate(model, tok, labels, kw, seed, device):
+    """uint8 (B, H, W, 3) images of one batch, all randomness from a generator seeded with `seed` alone. Rounded as
+    MAR; grey images repeated to 3 channels (ADM's format)."""
+    tokens = sample_tokens(model, labels.to(device), generator=torch.Generator(device).manual_seed(seed), **kw)
+    with torch.no_grad():
+        x = ((tok.decode(tokens).float() + 1) / 2 * 255).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
     return x.expand(-1, -1, -1, 3).cpu().numpy() if x.shape[-1] == 1 else x.cpu().numpy()
 
 
-def generate(model, tok, labels, kw, seed, device):
-    """Images of one batch, all randomness from a generator seeded by `seed` alone."""
-    gen = torch.Generator(device).manual_seed(seed)
-    with torch.no_grad():
-        return to_uint8(tok.decode(sample_tokens(model, labels.to(device), generator=gen, **kw)))
-
-
 def bulk(model, tok, kw, args, rank, world, device):
-    """N images, exactly N / num_classes per class (image i has class i % num_classes). Batch j is seeded from
-    (seed, j) and written to its own file, batches dealt round-robin to ranks: the bytes do not depend on the number
-    of processes, and a restart skips finished batches. Rank 0 assembles samples.npz (arr_0 images, arr_1 labels)."""
+    """N images, exactly N / num_classes per class (image i has class i % num_classes). Global batch j is seeded from
+    (seed, j) and saved to its own file; batches are dealt round-robin to the ranks, so the bytes do not depend on the
+    number of processes, and a restart skips finished batches. Rank 0 writes samples.npz (arr_0 images, arr_1
+    labels)."""
     from tqdm import tqdm
     n, nc, out = args.num_images, model.num_classes, Path(args.out)
     if n % nc:
         raise ValueError(f"--num-images {n} is not a multiple of the {nc} classes")
-    labels = torch.arange(n) % nc
-    batches = list(range(math.ceil(n / args.batch_size)))
-    (out / "batches").mkdir(parents=True, exist_ok=True)
-    times, done = [], 0
+    labels, batches = torch.arange(n) % nc, range(math.ceil(n / args.batch_size))
+    path = lambda j: out / "batches" / f"{j:06d}.npy"
+    path(0).parent.mkdir(parents=True, exist_ok=True)
+    times = []
     for j in tqdm(batches[rank::world], disable=rank != 0, desc="sampling"):
-        path = out / "batches" / f"{j:06d}.npy"
-        if path.exists():
-            continue
-        start = time.time()
-        images = generate(model, tok, labels[j * args.batch_size:(j + 1) * args.batch_size], kw,
-                          (args.seed << 32) + j, device)
-        np.save(path.with_suffix(".tmp.npy"), images)
-        os.replace(path.with_suffix(".tmp.npy"), path)
-        times.append(time.time() - start)
-        done += len(images) if len(times) > 1 else 0  # the first batch is the warm-up
+        if not path(j).exists():
+            rows = labels[j * args.batch_size:(j + 1) * args.batch_size]
+            times.append((timed(lambda: np.save(path(j).with_suffix(".tmp.npy"), generate(
+                model, tok, rows, kw, (args.seed << 32) + j, device)))[0], len(rows)))
+            os.replace(path(j).with_suffix(".tmp.npy"), path(j))  # complete files only
     if rank == 0 and len(times) > 1:
-        print(f"{sum(times[1:]) / done:.3f} s/image on rank 0 after a warm-up batch")
+        secs, imgs = np.sum(times[1:], axis=0)
+        print(f"{secs / imgs:.3f} s/image on rank 0 after a warm-up batch")
     if world > 1:
         dist.barrier()
-    if rank != 0:
-        return
-    arr = np.concatenate([np.load(out / "batches" / f"{j:06d}.npy") for j in batches])
-    np.savez(out / "samples.npz", arr_0=arr, arr_1=labels.numpy())
-    for j in batches:
-        (out / "batches" / f"{j:06d}.npy").unlink()
-    (out / "batches").rmdir()
-    print(f"wrote {out / 'samples.npz'}: {arr.shape} uint8, {n // nc} per class")
-    if args.fid_ref:
-        import fid
-        if args.fid_ref == "fashion-mnist":  # our offline metric for 28x28 data (not Inception FID)
-            import tokenizer
-            train = tokenizer.load_fashion_mnist("train")
-            metric = fid.SmallDataMetric(*train, Path.home() / ".cache" / "emigm-mini" / "small_metric.pt")
+    if rank == 0:
+        arr = np.concatenate([np.load(path(j)) for j in batches])
+        np.savez(out / "samples.npz", arr_0=arr, arr_1=labels.numpy())
+        [path(j).unlink() for j in batches]
+        path(0).parent.rmdir()
+        print(f"wrote {out / 'samples.npz'}: {arr.shape} uint8, {n // nc} per class")
+        if args.fid_ref == "fashion-mnist":  # our offline metric for 28x28 data, not comparable with Inception FID
+            import fid, tokenizer
+            cache = Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"  # train.py's default
+            metric = fid.SmallDataMetric(*tokenizer.load_fashion_mnist("train"), str(cache))
             print(fid.SmallDataMetric.label, metric.evaluate(arr[..., 0], labels.numpy()))
-        else:
+        elif args.fid_ref:
+            import fid
             print(fid.compute_metrics(arr, args.fid_ref, model=fid.load_inception(args.inception, device)))
 
 
@@ -400,84 +378,86 @@ def grid(model, tok, kw, args, device):
     classes = args.classes or (list(range(model.num_classes)) if model.num_classes <= 16 else
                                [207, 360, 387, 974, 88, 979, 417, 279])  # DiT's sample classes
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
-    start = time.time()
-    images = np.concatenate([generate(model, tok, labels[i:i + args.batch_size], kw, (args.seed << 32) + i, device)
-                             for i in range(0, len(labels), args.batch_size)])
-    print(f"{(time.time() - start) / len(labels):.3f} s/image (including the first batch)")
+    dt, images = timed(lambda: np.concatenate([generate(model, tok, labels[i:i + args.batch_size], kw,
+                                                        (args.seed << 32) + i, device)
+                                               for i in range(0, len(labels), args.batch_size)]))
     h, w = images.shape[1:3]
     rows = images.reshape(len(classes), args.per_class, h, w, 3).transpose(0, 2, 1, 3, 4)
     Image.fromarray(rows.reshape(len(classes) * h, args.per_class * w, 3)).save(args.grid)
-    print(f"wrote {args.grid}")
+    print(f"wrote {args.grid}; {dt / len(labels):.3f} s/image (first batch included)")
 
 
 def bench(args):
-    """Random-weight XS at 256px: s/image at K=16 (x1.2) and K=128 (x1.4) per batch size, the share of the fp32 matmul
-    peak measured in this process (FLOPs counted by hooks on every Linear and attention), linear-in-K and CFG checks."""
-    a = torch.randn(2048, 2048)
-    peak = max(2 * 2048 ** 3 / timed(lambda: a @ a)[0] for _ in range(5))
+    """Random-weight XS at 256px: s/image at K=16 (x1.2) and K=128 (x1.4) per batch size, and the share of the fp32
+    matmul peak measured in this process (FLOPs counted by hooks on every Linear and attention); then the linear-in-K
+    and CFG-interval checks at the first batch size. Shares and ratios use CPU time (time.process_time), which other
+    jobs on a shared machine disturb far less than wall time; wall time is printed too."""
     torch.manual_seed(0)
-    model, flops = emigm.EMIGM_models["XS"]().eval(), [0]
-    for m in model.modules():  # forward hooks: cheap, and count exactly what runs
+    model, flops, a = emigm.EMIGM_models["XS"]().eval(), [], torch.randn(2048, 2048)
+    for m in model.modules():  # forward hooks: cheap, and they count exactly what runs
         if isinstance(m, torch.nn.Linear):
             m.register_forward_hook(lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
         elif isinstance(m, emigm.Attention):  # q k^T and attn v
-            m.register_forward_hook(lambda m, i, o: flops.append(4 * i[0].shape[0] * i[0].shape[1] ** 2 * o.shape[2]))
+            m.register_forward_hook(lambda m, i, o: flops.append(4 * o.shape[0] * o.shape[1] ** 2 * o.shape[2]))
+    peak = max(2 * 2048 ** 3 / timed(lambda: a @ a, time.process_time)[0] for _ in range(5))  # per CPU-second
+    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP per CPU-second ({torch.get_num_threads()} threads)")
 
-    def run(k, batch, interval, head_steps):
+    def run(k, batch, interval):
         flops.clear()
-        gen, labels = torch.Generator().manual_seed(0), torch.arange(batch) % 1000
-        dt, _ = timed(lambda: sample_tokens(model, labels, k, 4.0, "constant", interval, "dpm-solver", head_steps,
-                                            generator=gen))
-        return dt, sum(flops)
+        cpu, wall = time.process_time(), time.perf_counter()
+        sample_tokens(model, torch.arange(batch), k, 4.0, "constant", interval, "dpm-solver",
+                      PRESETS["XS", 256][16 if k <= 16 else 128][0], generator=torch.Generator().manual_seed(0))
+        cpu, wall, fl = time.process_time() - cpu, time.perf_counter() - wall, sum(flops)
+        print(f"K={k:3d} NFE = {k} x {nfe(k, 4.0, interval)[1]:.4f} (interval {interval}), batch {batch:2d}: "
+              f"{wall / batch:.3f} s/image wall, {cpu / batch:.3f} CPU-s/image, {fl / 1e12:.3f} TFLOP, "
+              f"{fl / cpu / peak:.0%} of the matmul peak", flush=True)
+        return cpu, fl
 
-    print(f"fp32 matmul peak measured here: {peak / 1e9:.0f} GFLOP/s (2048^3, best of 5)")
-    run(4, 1, (0.1, 0.3), 8)  # warm-up
-    res = {}
-    for k, interval, steps in ((16, (0.1, 0.3), 8), (128, (0.18, 0.6), 14)):
-        for b in args.bench_batches:
-            dt, fl = res[k, b] = run(k, b, interval, steps)
-            print(f"K={k:3d} NFE = {k} x {nfe(k, 4.0, interval)[1]:.4f}, {steps} head steps, batch {b:2d}: "
-                  f"{dt / b:.3f} s/image, {fl / 1e12:.3f} TFLOP, {fl / dt / 1e9:.0f} GFLOP/s = {fl / dt / peak:.0%} of peak")
-    b = args.bench_batches[0]
-    pred = 128 * nfe(128, 4.0, (0.18, 0.6))[1] / (16 * nfe(16, 4.0, (0.1, 0.3))[1])
-    print(f"linear in K (batch {b}): time K=128 / K=16 = {res[128, b][0] / res[16, b][0]:.2f}, NFE predicts {pred:.2f},"
-          f" FLOPs {res[128, b][1] / res[16, b][1]:.2f}")
-    dt_all, fl_all = run(16, b, (0.0, 1.0), 8)
-    print(f"CFG interval (K=16, batch {b}): time with (0.1, 0.3] / CFG on all steps = {res[16, b][0] / dt_all:.3f}, "
-          f"NFE predicts {nfe(16, 4.0, (0.1, 0.3))[1] / 2:.3f}, FLOPs {res[16, b][1] / fl_all:.3f}")
+    run(2, 1, (0.1, 0.3))  # warm-up
+    res = {(k, b): run(k, b, PRESETS["XS", 256][k][3]) for k in args.bench_k for b in args.bench_batches}
+    b, (t16, f16) = args.bench_batches[0], res.get((16, args.bench_batches[0]), (None, None))
+    if (128, b) in res and t16:
+        pred = 128 * nfe(128, 4.0, PRESETS["XS", 256][128][3])[1] / (16 * nfe(16, 4.0, (0.1, 0.3))[1])
+        print(f"linear in K (batch {b}): CPU time K=128 / K=16 = {res[128, b][0] / t16:.2f}; NFE predicts "
+              f"{pred:.2f}, FLOPs {res[128, b][1] / f16:.2f}")
+    if t16:
+        t_all, f_all = run(16, b, (0.0, 1.0))
+        print(f"CFG interval (K=16, batch {b}): CPU time (0.1, 0.3] / CFG on every step = {t16 / t_all:.3f}; "
+              f"NFE predicts {nfe(16, 4.0, (0.1, 0.3))[1] / 2:.3f}, FLOPs {f16 / f_all:.3f}")
 
 
-def timed(fn):
-    start = time.perf_counter()
+def timed(fn, clock=time.perf_counter):
+    start = clock()
     out = fn()
-    return time.perf_counter() - start, out
+    return clock() - start, out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="eMIGM sampling: grid PNG, ADM .npz for FID, or --bench")
-    p.add_argument("--ckpt", help="our checkpoint (with 'config') or an official one (then pass --size)")
-    p.add_argument("--size", choices=list(emigm.EMIGM_models), help="model size (default: the checkpoint's config)")
+    p = argparse.ArgumentParser(description="eMIGM sampling: a grid PNG, an ADM .npz for FID (--num-images), --bench")
+    p.add_argument("--ckpt", help="our checkpoint (has 'config') or an official one (then pass --size, --img-size)")
+    p.add_argument("--size", choices=list(emigm.EMIGM_models), help="default: from the checkpoint's config")
     p.add_argument("--img-size", type=int, default=256, choices=[256, 512])
-    p.add_argument("--nfe", type=int, default=16, help="K, the number of mask-prediction steps (presets: 16, 128)")
-    p.add_argument("--cfg", type=float, help="guidance scale (preset: 4.0)")
-    p.add_argument("--cfg-schedule", choices=list(CFG_SCHEDULES), help="(preset: constant)")
+    p.add_argument("--nfe", type=int, default=16, help="K, the mask-prediction steps (presets: 16, 128; 512px: 64)")
+    p.add_argument("--cfg", type=float, help="preset: 4.0")
+    p.add_argument("--cfg-schedule", choices=list(CFG_SCHEDULES), help="preset: constant")
     p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("T_MIN", "T_MAX"), help="CFG iff T_MIN < s <= T_MAX")
     p.add_argument("--head-sampler", default="dpm-solver", choices=list(HEAD_SAMPLERS))
-    p.add_argument("--head-steps", type=int, help="head sampler steps (presets: 8 for K=16, 14 for K=128; ddpm: 100)")
-    p.add_argument("--temperature", type=float, default=1.0, help="ddpm only; the official DPM-Solver ignores it")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--tokenizer", choices=["kl16", "dcae", "pixel"], help="default: from the model's token shape")
-    p.add_argument("--vae", help="tokenizer weights: kl16.ckpt or the DC-AE diffusers directory")
+    p.add_argument("--head-steps", type=int, help="presets: 8 for K=16, 14 for K=128 (MAR's ddpm: 100)")
+    p.add_argument("--temperature", type=float, default=1.0, help="ddpm only (the official DPM-Solver ignores it)")
+    p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    p.add_argument("--tokenizer", choices=["kl16", "dcae", "pixel"], help="default: from the token shape")
+    p.add_argument("--vae", help="kl16.ckpt or the DC-AE diffusers directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=32, help="per process; the output depends on it")
-    p.add_argument("--classes", type=int, nargs="*", help="grid rows (default: DiT's 8 classes, or all if <= 16)")
+    p.add_argument("--batch-size", type=int, default=32, help="per process; the images depend on it")
+    p.add_argument("--classes", type=int, nargs="*", help="grid rows (default: DiT's 8, or all if <= 16)")
     p.add_argument("--per-class", type=int, default=8)
     p.add_argument("--grid", default="samples.png")
-    p.add_argument("--num-images", type=int, help="bulk mode: write OUT/samples.npz with this many images")
-    p.add_argument("--out", help="bulk mode output directory")
-    p.add_argument("--fid-ref", help="FID reference (stats .npz / ADM batch / folder), or 'fashion-mnist'")
+    p.add_argument("--num-images", type=int, help="bulk mode: OUT/samples.npz with this many images")
+    p.add_argument("--out", help="bulk mode directory")
+    p.add_argument("--fid-ref", help="reference stats/.npz/folder for fid.py, or 'fashion-mnist' (small-data metric)")
     p.add_argument("--inception", help="Inception weights for --fid-ref")
-    p.add_argument("--bench", action="store_true", help="time the sampler with random XS weights")
+    p.add_argument("--bench", action="store_true", help="time the sampler on random XS weights")
+    p.add_argument("--bench-k", type=int, nargs="+", default=[16, 128], choices=[16, 128])
     p.add_argument("--bench-batches", type=int, nargs="+", default=[1, 16, 64])
     args = p.parse_args(argv)
     try:
@@ -490,29 +470,27 @@ def run(args):
     import tokenizer
     if not args.ckpt or (args.num_images is None) != (args.out is None):
         raise ValueError("pass --ckpt, and --num-images with --out for bulk mode (or --bench)")
-    distributed = "RANK" in os.environ  # launched by torchrun
-    cuda = torch.cuda.is_available()
+    distributed, cuda = "RANK" in os.environ, torch.cuda.is_available()  # torchrun sets RANK
     if distributed:
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-    model, cargs = load_model(args, device)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")  # the local, not global, rank
+    if cuda:
+        torch.cuda.set_device(device)
+    model, ckpt_args = load_model(args, device)
     kw = settings(args, model)
-    cargs = vars(cargs) if isinstance(cargs, argparse.Namespace) else cargs
-    kind = args.tokenizer or cargs.get("tokenizer") or ("pixel" if model.seq_len != 256 else
-                                                         "dcae" if model.token_channels == 32 else "kl16")
-    tok = tokenizer.load_tokenizer(kind, args.vae or cargs.get("vae")).to(device).eval()
+    kind = args.tokenizer or ("pixel" if model.seq_len != 256 else "dcae" if model.token_channels == 32 else "kl16")
+    tok = (tokenizer.load_tokenizer(kind, patch=28 // math.isqrt(model.seq_len)) if kind == "pixel"  # 28x28 images
+           else tokenizer.load_tokenizer(kind, args.vae or ckpt_args.get("vae"))).to(device).eval()
     if tok.channels != model.token_channels:
-        raise ValueError(f"tokenizer {kind!r} has {tok.channels} channels, the model {model.token_channels}")
+        raise ValueError(f"tokenizer {kind!r} gives {tok.channels} channels, the model takes {model.token_channels}")
     if rank == 0:
         k, f = nfe(kw["num_iter"], kw["cfg"], kw["cfg_interval"])
         print(f"NFE = {k} x {f:.4f} (~{k} x {f:.1f}); {kw}")
-    if args.num_images is not None:
-        bulk(model, tok, kw, args, rank, world, device)
-    else:
-        grid(model, tok, kw, args, device)
+    bulk(model, tok, kw, args, rank, world, device) if args.out else grid(model, tok, kw, args, device)
     if rank == 0:
-        mem = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        mem = torch.cuda.max_memory_allocated(device) if cuda else rss
         print(f"peak memory {mem / 2 ** 30:.2f} GiB ({'allocated on the GPU' if cuda else 'max RSS'})")
     if distributed:
         dist.destroy_process_group()

@@ -215,9 +215,15 @@ def test_official_checkpoint_loads_with_ema_quirk(tmp_path):
 def test_checkpoint_errors_are_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         emigm.load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read .*junk.pt as a checkpoint"):
+        emigm.load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="no 'model'/'ema'/'model_ema' entry"):
+        emigm.load_checkpoint(tmp_path / "other.pt")
     with torch.device("meta"):
         b, xs = emigm.EMIGM_models["B"](), emigm.EMIGM_models["XS"]()
     with pytest.raises(ValueError, match=r"checkpoint width 768, this model 448: pass --size B --img-size 256"):
         emigm.load_weights(xs, {"model_ema": b.state_dict()})
-    with pytest.raises(KeyError, match="pass --no-ema"):
+    with pytest.raises(ValueError, match="pass --no-ema"):
         emigm.load_weights(xs, {"model": xs.state_dict()})

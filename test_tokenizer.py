@@ -161,6 +161,9 @@ def test_pixel_tokenizer_round_trip_is_exact():
     assert torch.equal(tokens[:, 0], x[:, 0, :4, :4].reshape(3, 16) * tok.scale)  # token 0 = top-left patch
     assert torch.equal(tokens[:, 8], x[:, 0, 4:8, 4:8].reshape(3, 16) * tok.scale)  # row-major: (1, 1) is token 8
     assert torch.equal(tok.decode(tokens), x)
+    with pytest.raises(ValueError) as e:
+        T.PixelTokenizer(patch=3)
+    one_line(e)
     y = torch.randn(2, 3, 8, 8)
     rgb = T.PixelTokenizer(patch=2, img_size=8, in_channels=3)
     assert rgb.encode(y).shape == (2, 16, 12) and torch.equal(rgb.decode(rgb.encode(y)), y)
@@ -179,7 +182,7 @@ def tiny_dcae():
 
 
 def test_dcae_through_diffusers(tmp_path):
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", reason="the DC-AE test needs diffusers (optional): pip install diffusers")
     model = tiny_dcae()
     model.save_pretrained(tmp_path / "dcae")
     tok = T.load_tokenizer("dcae", tmp_path / "dcae")
@@ -315,6 +318,9 @@ def test_cache_bad_inputs(tmp_path, cache_setup, monkeypatch):
         T.CachedLatents(tmp / "empty")
     one_line(e)
     run_cache(tmp, monkeypatch)
+    with pytest.raises(ValueError) as e:  # a size the VAE's stride does not divide
+        T.cache_latents(tmp / "imgs", tmp / "other", vae, img_size=40)
+    assert "stride 16" in one_line(e)
     with pytest.raises(ValueError) as e:  # same --out, other settings
         T.cache_latents(tmp / "imgs", tmp / "cache", vae, img_size=64, shard_size=2, num_workers=0)
     one_line(e)
@@ -364,7 +370,11 @@ def test_fashion_mnist_sources(tmp_path, monkeypatch):
     one_line(e)
 
 
-@pytest.mark.skipif(not Path(T.FASHION_MNIST_DIRS[0]).is_dir(), reason="apt-get install dataset-fashion-mnist")
+DEBIAN_FASHION = Path(T.FASHION_MNIST_DIRS[0])
+
+
+@pytest.mark.skipif(not all((DEBIAN_FASHION / f"t10k-{n}-ubyte.gz").is_file() for n in ("images-idx3", "labels-idx1")),
+                    reason=f"Fashion-MNIST is not in {DEBIAN_FASHION}: apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_debian():
     x, y = T.load_fashion_mnist("test")
     assert x.shape == (10000, 28, 28) and y.bincount().tolist() == [1000] * 10

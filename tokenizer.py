@@ -5,9 +5,8 @@ The paper's experiments (as its official code) see images through a frozen autoe
   * ImageNet 512x512: DC-AE f32c32 (32 channels, stride 32 -> 256 tokens), latents x 0.3189 (via diffusers);
   * small data on a CPU (Fashion-MNIST, ours): no autoencoder; non-overlapping pixel patches are the tokens.
 All three share one interface: encode(images (B, C, H, W) in [-1, 1]) -> tokens (B, L, C'), decode(tokens) ->
-images, .channels, .stride, .seq_len(img_size). Tokens are row-major over (h, w), MAR's patchify order.
-Also here: latent caching (MAR's main_cache.py: ADM center crop, posterior moments of each image and of its flip),
-the CachedLatents dataset train.py reads, and a Fashion-MNIST IDX loader.
+images, .channels, .stride, .seq_len(img_size). Tokens are row-major over (h, w), MAR's patchify order. Also here:
+latent caching (MAR's main_cache.py), the CachedLatents dataset train.py reads, and a Fashion-MNIST IDX loader.
 
   python tokenizer.py cache --data-path imagenet/train --out cache/kl16-256 --vae pretrained/kl16.ckpt
   torchrun --nproc_per_node=8 tokenizer.py cache ...   # each rank writes a disjoint set of shards
@@ -20,6 +19,7 @@ import math
 import os
 import sys
 import urllib.request
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -43,25 +43,17 @@ def patchify(x, p=1):
     return x.reshape(B, (H // p) * (W // p), C * p * p)
 
 
-def unpatchify(tokens, p=1, c=None):
+def unpatchify(tokens, p=1):
     """Inverse of patchify for a square grid: tokens (B, L, C p p) -> (B, C, H, W)."""
     B, L, D = tokens.shape
-    h = math.isqrt(L)
+    h, c = math.isqrt(L), D // (p * p)
     if h * h != L:
         raise ValueError(f"cannot unpatchify {L} tokens: expected a square grid (L = h*h)")
-    c = c or D // (p * p)
     x = tokens.reshape(B, h, h, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
     return x.reshape(B, c, h * p, h * p)
 
 
-def check_images(x, channels, stride):
-    if x.ndim != 4 or x.shape[1] != channels or x.shape[2] % stride or x.shape[3] % stride:
-        raise ValueError(f"expected images (B, {channels}, H, W) with H, W multiples of {stride}, got {tuple(x.shape)}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# KL-16 VAE: MAR's models/vae.py (the LDM AutoencoderKL), same modules and state_dict keys as kl16.ckpt
-# ----------------------------------------------------------------------------------------------------------------
+# ==== KL-16 VAE: MAR's models/vae.py (the LDM AutoencoderKL), same modules and state_dict keys as kl16.ckpt =======
 def swish(x):
     return x * torch.sigmoid(x)  # as MAR writes it (F.silu rounds differently in the last bit)
 
@@ -102,8 +94,7 @@ class AttnBlock(nn.Module):
 
 
 class Resample(nn.Module):
-    """Downsample: pad one zero column right and one zero row at the bottom (not padding=1), 3x3 conv stride 2.
-    Upsample: nearest x2, 3x3 conv."""
+    """Down: zero-pad one column right and one row at the bottom (not padding=1), 3x3 conv stride 2. Up: nearest x2."""
     def __init__(self, c, down):
         super().__init__()
         self.down, self.conv = down, nn.Conv2d(c, c, 3, 2 if down else 1, 0 if down else 1)
@@ -112,67 +103,56 @@ class Resample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def mid_block(c):
-    mid = nn.Module()
-    mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)
-    return mid
+class Level(nn.Module):
+    """One resolution: n ResNet blocks (each + attention where MAR has it), then resample under MAR's name, if any."""
+    def __init__(self, cin, cout, n, attn, resample):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout) for j in range(n))
+        self.attn = nn.ModuleList(AttnBlock(cout) for _ in range(n if attn else 0))  # empty: no keys
+        self.resample = resample
+        if resample:
+            self.add_module(resample, Resample(cout, down=resample == "downsample"))
+
+    def forward(self, h):
+        for j, block in enumerate(self.block):
+            h = self.attn[j](block(h)) if len(self.attn) else block(h)
+        return getattr(self, self.resample)(h) if self.resample else h
+
+
+def mid_block(c):  # ResNet, attention, ResNet at the lowest resolution; keys mid.block_1, mid.attn_1, mid.block_2
+    return nn.Sequential(OrderedDict(block_1=ResnetBlock(c, c), attn_1=AttnBlock(c), block_2=ResnetBlock(c, c)))
 
 
 class Encoder(nn.Module):
     def __init__(self, ch, ch_mult, z_channels, num_res_blocks=2, resolution=256, attn_resolutions=(16,)):
         super().__init__()
+        w, n = [ch] + [ch * m for m in ch_mult], len(ch_mult)
         self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
-        self.down = nn.ModuleList()
-        widths = [ch] + [ch * m for m in ch_mult]
-        for i in range(len(ch_mult)):
-            level = nn.Module()
-            level.block = nn.ModuleList(ResnetBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1])
-                                        for j in range(num_res_blocks))
-            # attention where the *nominal* resolution (from the 256px config) is 16, whatever the input size
-            use_attn = resolution // 2 ** i in attn_resolutions
-            level.attn = nn.ModuleList(AttnBlock(widths[i + 1]) for _ in range(num_res_blocks if use_attn else 0))
-            if i < len(ch_mult) - 1:
-                level.downsample = Resample(widths[i + 1], down=True)
-            self.down.append(level)
-        self.mid = mid_block(widths[-1])
-        self.norm_out, self.conv_out = Normalize(widths[-1]), nn.Conv2d(widths[-1], 2 * z_channels, 3, 1, 1)
+        # attention where the *nominal* resolution (from the 256px config) is 16, whatever the input size
+        self.down = nn.Sequential(*(Level(w[i], w[i + 1], num_res_blocks, resolution // 2 ** i in attn_resolutions,
+                                          "downsample" if i < n - 1 else None) for i in range(n)))
+        self.mid = mid_block(w[-1])
+        self.norm_out, self.conv_out = Normalize(w[-1]), nn.Conv2d(w[-1], 2 * z_channels, 3, 1, 1)
 
     def forward(self, x):  # (B, 3, H, W) -> (B, 2 z, H/16, W/16)
-        h = self.conv_in(x)
-        for level in self.down:
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[j](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(swish(self.norm_out(self.mid(self.down(self.conv_in(x))))))
 
 
 class Decoder(nn.Module):
     def __init__(self, ch, ch_mult, z_channels, num_res_blocks=2):
         super().__init__()
-        widths = [ch * m for m in ch_mult]
-        self.conv_in = nn.Conv2d(z_channels, widths[-1], 3, 1, 1)
-        self.mid = mid_block(widths[-1])
-        self.up = nn.ModuleList()  # index i = level i; run from the last level down to 0; no attention here
-        for i in range(len(ch_mult)):
-            level, cin = nn.Module(), widths[min(i + 1, len(ch_mult) - 1)]
-            level.block = nn.ModuleList(ResnetBlock(cin if j == 0 else widths[i], widths[i])
-                                        for j in range(num_res_blocks + 1))
-            if i > 0:
-                level.upsample = Resample(widths[i], down=False)
-            self.up.append(level)
-        self.norm_out, self.conv_out = Normalize(widths[0]), nn.Conv2d(widths[0], 3, 3, 1, 1)
+        w, n = [ch * m for m in ch_mult], len(ch_mult)
+        self.conv_in = nn.Conv2d(z_channels, w[-1], 3, 1, 1)
+        self.mid = mid_block(w[-1])
+        # index i = level i, run from the last level down to 0; one more ResNet block than the encoder, no attention
+        self.up = nn.ModuleList(Level(w[min(i + 1, n - 1)], w[i], num_res_blocks + 1, False,
+                                      "upsample" if i > 0 else None) for i in range(n))
+        self.norm_out, self.conv_out = Normalize(w[0]), nn.Conv2d(w[0], 3, 3, 1, 1)
 
     def forward(self, z):  # (B, z, h, w) -> (B, 3, 16h, 16w); no tanh or clamp: nominally in [-1, 1]
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h)
         return self.conv_out(swish(self.norm_out(h)))
 
 
@@ -191,14 +171,29 @@ class DiagonalGaussian:
     def mode(self):
         return self.mean
 
+    def latent(self, sample=True, generator=None):  # what training sees: a posterior sample (MAR), or the mean
+        return self.sample(generator) if sample else self.mode()
+
     def kl(self):
         return 0.5 * torch.sum(self.mean ** 2 + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
 class Tokenizer(nn.Module):
-    """The shared interface: encode(images) -> tokens (B, L, C), decode(tokens) -> images, channels, stride."""
+    """The interface above. Subclasses map images to an unscaled latent grid and back (encode_latent, decode_latent)
+    and set channels, stride, scale; tokens are the grid's patches (1x1 for autoencoders) times the scale."""
+    patch, in_channels = 1, 3  # autoencoders: RGB in, one token per latent position
+
     def seq_len(self, img_size):
         return (img_size // self.stride) ** 2
+
+    def encode(self, images, sample=True, generator=None):  # (B, c, H, W) in [-1, 1] -> tokens (B, L, C)
+        s, shape = self.stride, tuple(images.shape)
+        if len(shape) != 4 or shape[1] != self.in_channels or shape[2] % s or shape[3] % s:
+            raise ValueError(f"expected images (B, {self.in_channels}, H, W) with H, W multiples of {s}, got {shape}")
+        return patchify(self.encode_latent(images, sample, generator) * self.scale, self.patch)
+
+    def decode(self, tokens):  # (B, L, C) -> images (B, c, H, W)
+        return self.decode_latent(unpatchify(tokens / self.scale, self.patch))
 
 
 class KL16VAE(Tokenizer):
@@ -207,27 +202,18 @@ class KL16VAE(Tokenizer):
 
     def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), embed_dim=16, num_res_blocks=2):
         super().__init__()
-        self.encoder = Encoder(ch, ch_mult, embed_dim, num_res_blocks)
-        self.decoder = Decoder(ch, ch_mult, embed_dim, num_res_blocks)
-        self.quant_conv = nn.Conv2d(2 * embed_dim, 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, embed_dim, 1)
+        self.encoder, self.decoder = (net(ch, ch_mult, embed_dim, num_res_blocks) for net in (Encoder, Decoder))
+        self.quant_conv, self.post_quant_conv = (nn.Conv2d(c, c, 1) for c in (2 * embed_dim, embed_dim))
         self.channels, self.stride = embed_dim, 2 ** (len(ch_mult) - 1)
 
     def encode_moments(self, images):  # (B, 3, H, W) in [-1, 1] -> unclamped [mean | logvar] (B, 2C, H/16, W/16)
-        check_images(images, 3, self.stride)
         return self.quant_conv(self.encoder(images))
+
+    def encode_latent(self, images, sample=True, generator=None):  # -> (B, C, H/16, W/16)
+        return DiagonalGaussian(self.encode_moments(images)).latent(sample, generator)
 
     def decode_latent(self, z):  # (B, C, h, w) unscaled latent -> (B, 3, 16h, 16w)
         return self.decoder(self.post_quant_conv(z))
-
-    def encode(self, images, sample=True, generator=None):
-        """Training tokens as MAR: a posterior sample (or its mean) times 0.2325. -> (B, L, C)"""
-        posterior = DiagonalGaussian(self.encode_moments(images))
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return patchify(z * self.scale)
-
-    def decode(self, tokens):  # (B, L, C) -> (B, 3, H, W)
-        return self.decode_latent(unpatchify(tokens / self.scale))
 
     @classmethod
     def from_checkpoint(cls, path):
@@ -246,21 +232,17 @@ class KL16VAE(Tokenizer):
                                                                 ("post_quant_conv.weight", 16)])
         with torch.device("meta"):  # build without initialising 66M parameters; load_state_dict assigns the real ones
             vae = cls(ch=ch, embed_dim=z)
-        missing, unexpected = sorted(set(vae.state_dict()) - set(sd)), sorted(set(sd) - set(vae.state_dict()))
-        try:
-            if missing or unexpected:
-                raise RuntimeError(f"{len(missing)} keys missing {missing[:2]}, {len(unexpected)} unexpected "
-                                   f"{unexpected[:2]}")
-            vae.load_state_dict(sd, strict=True, assign=True)
-        except RuntimeError as e:  # torch's message spans lines: keep it to one
-            raise ValueError(f"{path} is not a KL-16 VAE checkpoint ({' '.join(str(e).split())[:300]}): "
-                             f"{KL16_HELP}") from None
+        want = vae.state_dict()
+        bad = {"missing": sorted(set(want) - set(sd)), "unexpected": sorted(set(sd) - set(want)),
+               "of the wrong shape": [k for k in want if k in sd and sd[k].shape != want[k].shape]}
+        if any(bad.values()):  # one line naming a few keys (torch's own error lists them all, over many lines)
+            found = ", ".join(f"{len(keys)} keys {what} {keys[:2]}" for what, keys in bad.items() if keys)
+            raise ValueError(f"{path} is not a KL-16 VAE checkpoint ({found}): {KL16_HELP}")
+        vae.load_state_dict(sd, strict=True, assign=True)
         return vae.float().eval().requires_grad_(False)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# DC-AE f32c32 (512px) through diffusers, and the pixel tokenizer (small data, no autoencoder)
-# ----------------------------------------------------------------------------------------------------------------
+# ==== DC-AE f32c32 (512px) through diffusers, and the pixel tokenizer (small data, no autoencoder) ==================
 class DCAE(Tokenizer):
     """diffusers' AutoencoderDC loaded from a local directory; deterministic latents x 0.3189 (official)."""
     scale = DCAE_SCALE
@@ -278,32 +260,25 @@ class DCAE(Tokenizer):
         cfg = self.model.config
         self.channels, self.stride = cfg.latent_channels, 2 ** (len(cfg.encoder_block_out_channels) - 1)
 
-    def encode_latent(self, images):  # (B, 3, H, W) in [-1, 1] -> unscaled latent (B, C, H/32, W/32)
-        check_images(images, 3, self.stride)
-        return self.model.encode(images).latent
+    def encode_latent(self, images, sample=False, generator=None):  # deterministic: `sample` is ignored
+        return self.model.encode(images).latent  # (B, C, H/32, W/32), unscaled
 
-    def encode(self, images, sample=False, generator=None):  # deterministic: `sample` is ignored
-        return patchify(self.encode_latent(images) * self.scale)
-
-    def decode(self, tokens):
-        return self.model.decode(unpatchify(tokens / self.scale)).sample
+    def decode_latent(self, z):
+        return self.model.decode(z).sample
 
 
 class PixelTokenizer(Tokenizer):
     """Non-overlapping p x p pixel patches as tokens: 28x28 with p=4 gives 49 tokens of 16 values. Round trip exact."""
     def __init__(self, patch=4, img_size=28, in_channels=1, scale=PIXEL_SCALE):
         super().__init__()
-        if img_size % patch:
+        if img_size % patch:  # fail here, before a model is sized with seq_len(img_size)
             raise ValueError(f"img_size {img_size} is not a multiple of patch {patch}")
         self.patch, self.img_size, self.in_channels, self.scale = patch, img_size, in_channels, scale
         self.channels, self.stride = in_channels * patch * patch, patch
 
-    def encode(self, images, sample=False, generator=None):  # (B, c, H, W) in [-1, 1] -> (B, L, c p p)
-        check_images(images, self.in_channels, self.patch)
-        return patchify(images * self.scale, self.patch)
-
-    def decode(self, tokens):  # (B, L, c p p) -> (B, c, H, W)
-        return unpatchify(tokens, self.patch, self.in_channels) / self.scale
+    def encode_latent(self, x, sample=False, generator=None):  # no autoencoder: the latent grid is the image itself
+        return x
+    decode_latent = encode_latent
 
 
 def load_tokenizer(kind, path=None, **kwargs):
@@ -315,12 +290,7 @@ def load_tokenizer(kind, path=None, **kwargs):
     return PixelTokenizer(**kwargs) if kind == "pixel" else {"kl16": KL16VAE.from_checkpoint, "dcae": DCAE}[kind](path)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Latent caching (MAR's main_cache.py) and the dataset that reads it
-# ----------------------------------------------------------------------------------------------------------------
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
+# ==== Latent caching (MAR's main_cache.py) and the dataset that reads it ==========================================
 def center_crop_arr(pil_image, image_size):
     """ADM's center crop (used by MAR and eMIGM): halve with BOX while >= 2x, bicubic resize, center crop."""
     while min(*pil_image.size) >= 2 * image_size:
@@ -334,18 +304,19 @@ def center_crop_arr(pil_image, image_size):
 
 class ImageFolder(torch.utils.data.Dataset):
     """torchvision's ImageFolder order (sorted class dirs -> labels 0..K-1, sorted files), ADM crop, [-1, 1]."""
+    extensions = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
     def __init__(self, root, img_size=256):
-        root = Path(root)
+        root, self.img_size = Path(root), img_size
         if not root.is_dir():
             raise FileNotFoundError(f"--data-path {root} is not a directory: pass an ImageFolder DIR/<class>/<img>")
         classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
         self.samples = [(os.path.join(dirpath, f), label) for label, c in enumerate(classes)
                         for dirpath, _, files in sorted(os.walk(root / c, followlinks=True))
-                        for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+                        for f in sorted(files) if f.lower().endswith(self.extensions)]
         if not self.samples:
             raise FileNotFoundError(f"no images found under {root}: expected an ImageFolder tree "
                                     f"{root}/<class>/<image>.jpg (one sub-directory per class)")
-        self.img_size = img_size
 
     def __len__(self):
         return len(self.samples)
@@ -358,19 +329,17 @@ class ImageFolder(torch.utils.data.Dataset):
         return (x - 0.5) / 0.5, label  # Normalize(0.5, 0.5) -> [-1, 1]
 
 
-@torch.no_grad()
-def cache_latents(data_path, out, tok, img_size=256, batch_size=64, shard_size=10000, num_workers=4,
+def cache_latents(data_path, out, tok, *, img_size=256, batch_size=128, shard_size=10000, num_workers=8,
                   rank=0, world_size=1, device="cpu", log=print):
-    """Encode an ImageFolder into shards out/shard_XXXXX.pt of `shard_size` images. Shard s is written by rank
-    s % world_size; a finished shard (its file exists; files appear atomically) is skipped on a rerun."""
-    data, kind = ImageFolder(data_path, img_size), ("kl16" if isinstance(tok, KL16VAE) else "dcae")
+    """ImageFolder -> out/shard_XXXXX.pt; shard s is rank s % world_size's; a rerun skips finished shards."""
+    if img_size % tok.stride:
+        raise ValueError(f"--img-size {img_size} is not a multiple of the tokenizer's stride {tok.stride}")
+    data, out, kind = ImageFolder(data_path, img_size), Path(out), "kl16" if isinstance(tok, KL16VAE) else "dcae"
+    n, num_shards, tok = len(data), math.ceil(len(data) / shard_size), tok.to(device)
     # what a shard stores per image: KL-16's unclamped posterior moments (as MAR), DC-AE's latent (unscaled)
-    encode = tok.encode_moments if kind == "kl16" else tok.encode_latent
-    n, out = len(data), Path(out)
-    num_shards = math.ceil(n / shard_size)
+    encode = torch.no_grad()(tok.encode_moments if kind == "kl16" else tok.encode_latent)
     meta = dict(kind=kind, img_size=img_size, num_shards=num_shards, num_images=n)
     out.mkdir(parents=True, exist_ok=True)
-    tok = tok.to(device)
     for s in range(rank, num_shards, world_size):
         path = out / f"shard_{s:05d}.pt"
         if path.exists():
@@ -386,8 +355,7 @@ def cache_latents(data_path, out, tok, img_size=256, batch_size=64, shard_size=1
         feats, labels = [], []
         for x, y in loader:
             x = x.to(device)  # (B, 3, S, S)
-            both = torch.stack([encode(x), encode(x.flip(dims=[3]))], 1)  # (B, 2, K, h, w): image, its flip
-            feats.append(both.float().cpu())
+            feats.append(torch.stack([encode(x), encode(x.flip(dims=[3]))], 1).float().cpu())  # (B, 2, K, h, w)
             labels.append(y)
         shard = dict(meta, shard=s, x=torch.cat(feats), labels=torch.cat(labels).long(), index=torch.tensor(index))
         tmp = path.with_suffix(f".tmp{rank}")
@@ -397,17 +365,15 @@ def cache_latents(data_path, out, tok, img_size=256, batch_size=64, shard_size=1
 
 
 class CachedLatents(torch.utils.data.Dataset):
-    """Cached shards -> (tokens (L, C) float32, label int64). Each access picks the image or its flip with prob 1/2
-    and, for KL-16, draws a fresh posterior sample (mean + std * randn, logvar clamped) x 0.2325 (official training).
-    sample=False gives the posterior mean; flip=False always the un-flipped image (both for evaluation and tests)."""
+    """Cached shards -> (tokens (L, C) float32, label int64): the image or its flip at random and, for KL-16, a fresh
+    posterior sample (official training); sample=False gives the posterior mean, flip=False never flips."""
     def __init__(self, root, sample=True, flip=True):
         self.files = sorted(Path(root).glob("shard_*.pt"))
         if not self.files:
             raise FileNotFoundError(f"no cached shards (shard_*.pt) in {root}: "
                                     f"make them with python tokenizer.py cache --data-path DIR --out {root} --vae PATH")
         self.shards = self.open()
-        first = self.shards[0]
-        done = {sh["shard"] for sh in self.shards}
+        first, done = self.shards[0], {sh["shard"] for sh in self.shards}
         if len(done) != first["num_shards"] or any(sh["kind"] != first["kind"] for sh in self.shards):
             missing = sorted(set(range(first["num_shards"])) - done)[:5]
             raise ValueError(f"cache in {root} is incomplete (shards {missing} missing) or mixed: rerun the same "
@@ -431,15 +397,11 @@ class CachedLatents(torch.utils.data.Dataset):
         shard, j = self.shards[s], i - int(self.offsets[s])
         f = int(torch.rand(()) < 0.5) if self.flip else 0  # horizontal-flip augmentation, in latent space
         x = shard["x"][j, f].float()[None]  # (1, K, h, w)
-        if self.kind == "kl16":
-            posterior = DiagonalGaussian(x)
-            x = posterior.sample() if self.sample else posterior.mode()
+        x = DiagonalGaussian(x).latent(self.sample) if self.kind == "kl16" else x  # DC-AE: deterministic
         return patchify(x * self.scale)[0], shard["labels"][j].long()  # (L, C), ()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Fashion-MNIST (IDX files): a path, else Debian's dataset-fashion-mnist, else the official download
-# ----------------------------------------------------------------------------------------------------------------
+# ==== Fashion-MNIST (IDX files): a path, else Debian's dataset-fashion-mnist, else the official download ==========
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)  # apt-get install dataset-fashion-mnist (.gz files)
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # zalandoresearch's README
 FASHION_MNIST_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "emigm-mini" / "fashion-mnist"
@@ -449,8 +411,7 @@ FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-u
 
 def read_idx(path):
     """An IDX file (optionally .gz) -> uint8 array. Header: 0, 0, 0x08 (ubyte), ndim, then big-endian sizes."""
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        data = f.read()
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     ndim = data[3] if len(data) > 4 and data[:3] == b"\x00\x00\x08" else 0
     shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     if not ndim or len(data) != 4 + 4 * ndim + math.prod(shape):
@@ -459,8 +420,7 @@ def read_idx(path):
 
 
 def load_fashion_mnist(split="train", path=None):
-    """-> (images uint8 (N, 28, 28), labels int64 (N,)), N = 60000 (train) or 10000 (test). Looks in `path`, then in
-    Debian's directory, then in our cache; else downloads the split's two .gz files into `path` (or the cache)."""
+    """-> (images uint8 (N, 28, 28), labels int64 (N,)); a download goes into `path`, else into our cache."""
     if split not in FASHION_MNIST_FILES:
         raise ValueError(f"unknown Fashion-MNIST split {split!r}: choose 'train' or 'test'")
     names = FASHION_MNIST_FILES[split]
@@ -478,11 +438,10 @@ def load_fashion_mnist(split="train", path=None):
                     (d / (n + ".gz.part")).write_bytes(r.read())
                 os.replace(d / (n + ".gz.part"), d / (n + ".gz"))
         except Exception as e:
-            raise FileNotFoundError(
-                f"Fashion-MNIST ({split}) is not in {', '.join(map(str, dirs))} and the download failed "
-                f"({type(e).__name__}: {' '.join(str(e).split())}): apt-get install dataset-fashion-mnist, or put "
-                f"{names[0]}.gz and {names[1]}.gz from github.com/zalandoresearch/fashion-mnist in a directory "
-                f"and pass it as path") from None
+            raise FileNotFoundError(f"Fashion-MNIST ({split}) is not in {', '.join(map(str, dirs))} and the download "
+                                    f"failed ({type(e).__name__}: {' '.join(str(e).split())}): apt-get install "
+                                    f"dataset-fashion-mnist, or pass as path a directory holding {names[0]}.gz and "
+                                    f"{names[1]}.gz from github.com/zalandoresearch/fashion-mnist") from None
         found = files(d)
     images, labels = map(read_idx, found)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -490,7 +449,7 @@ def load_fashion_mnist(split="train", path=None):
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ==== Command line ================================================================================================
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -499,18 +458,19 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output directory for shard_XXXXX.pt")
     p.add_argument("--vae", required=True, help="kl16.ckpt, or a local diffusers DC-AE directory")
     p.add_argument("--tokenizer", default="kl16", choices=["kl16", "dcae"])
-    p.add_argument("--img-size", type=int, default=256)  # 256 for KL-16, 512 for DC-AE (the paper)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--shard-size", type=int, default=10000)  # ImageNet: 129 shards of ~650 MB (KL-16 fp32)
-    p.add_argument("--num-workers", type=int, default=8)
-    args = parser.parse_args(argv)
+    d = cache_latents.__kwdefaults__  # the defaults live in one place
+    p.add_argument("--img-size", type=int, default=d["img_size"])  # 256 for KL-16, 512 for DC-AE (the paper)
+    p.add_argument("--batch-size", type=int, default=d["batch_size"])
+    p.add_argument("--shard-size", type=int, default=d["shard_size"])  # ImageNet: 129 shards of ~650 MB (KL-16 fp32)
+    p.add_argument("--num-workers", type=int, default=d["num_workers"])
+    args = vars(parser.parse_args(argv))
+    del args["command"]
     # torchrun: ranks need no communication, only their share of the shards and their own GPU
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     log = print if rank == 0 else (lambda *a: None)
-    tok = load_tokenizer(args.tokenizer, args.vae)
-    cache_latents(args.data_path, args.out, tok, args.img_size, args.batch_size, args.shard_size, args.num_workers,
-                  rank, world_size, device, log)
+    tok = load_tokenizer(args.pop("tokenizer"), args.pop("vae"))
+    cache_latents(tok=tok, rank=rank, world_size=world_size, device=device, log=log, **args)
 
 
 if __name__ == "__main__":

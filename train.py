@@ -5,7 +5,7 @@ One loop for every scale. The defaults are the official recipe (AdamW betas (0.9
 grad clip 3.0; EMA 0.9999; 64 images per GPU; 800 epochs), and every design choice of the paper's Fig. 2 is a flag.
 
     torchrun --nproc_per_node 8 train.py --size B --cached-path cache/    # latents cached by `tokenizer.py cache`
-    torchrun --nproc_per_node 8 train.py --size B --data-path imagenet/train --vae-path kl16.ckpt
+    torchrun --nproc_per_node 8 train.py --size B --data-path imagenet/train --vae kl16.ckpt
     python train.py --demo                 # Fashion-MNIST on 2 CPU cores in <= 10 minutes: grid, Frechet distance, accuracy
     python train.py --bench --size XS      # step time, images/s, peak memory, share of the fp32 matmul peak
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
@@ -39,6 +39,7 @@ import emigm
 DEMO = dict(dataset="fashion-mnist", size="Tiny", global_batch_size=64, blr=4e-3, warmup_epochs=0.05, max_steps=2500,
             lr_schedule="cosine", ema_decay=0.999, patch=4, log_every=100, ckpt_every=0, sample_every=0,
             num_iter=16, cfg=3.0, cfg_interval=[0.0, 1.0], eval_samples=1000, results_dir="out/demo")
+BENCH_STEPS = 5
 GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # ImageNet classes shown in grids (those of DiT's sample.py)
 
 
@@ -70,15 +71,10 @@ def create_logger(results_dir, rank):
     """Rank 0 logs to stdout and results_dir/log.txt; the other ranks are silent."""
     logger = logging.getLogger("train")
     logger.handlers.clear()
-    logger.propagate = False
-    if rank == 0:
-        fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
-        for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(Path(results_dir) / "log.txt")):
-            h.setFormatter(fmt)
-            logger.addHandler(h)
-        logger.setLevel(logging.INFO)
-    else:
-        logger.addHandler(logging.NullHandler())
+    logger.propagate, logger.level = False, logging.INFO if rank == 0 else logging.CRITICAL + 1
+    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(Path(results_dir) / "log.txt")) if rank == 0 else ():
+        h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        logger.addHandler(h)
     return logger
 
 
@@ -162,26 +158,29 @@ def update_ema(ema_params, params, decay):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: plain dicts, written atomically by rank 0, loadable with weights_only=True
 # ----------------------------------------------------------------------------------------------------------------
-def gather_rng_states(world):
+def rng_states(world):
     """Every rank's torch RNG states (CPU and, on GPU, CUDA), so that a resume replays the same masks and noise."""
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    if world == 1:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
+    state = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    states = [state] * world
+    if world > 1:
+        dist.all_gather_object(states, state)
     return states
 
 
-def save_checkpoint(path, checkpoint):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a truncated last.pt
+def write_checkpoint(names, model, ema, optimizer, step, steps_per_epoch, args, world, rank):
+    """A plain dict (loads with weights_only=True), written by rank 0 to a temp file then renamed (atomic)."""
+    rng = rng_states(world)  # collective: every rank takes part
+    if rank == 0:
+        ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                    epoch=step / steps_per_epoch, args=dict(vars(args)), config=model.config, rng=rng)
+        for name in names:
+            torch.save(ckpt, Path(args.results_dir) / (name + ".tmp"))
+            os.replace(Path(args.results_dir) / (name + ".tmp"), Path(args.results_dir) / name)
+    barrier()  # nobody runs ahead (or exits) before the file is complete
 
 
-def resume(path, model, ema, optimizer, world, rank):
-    """Restore everything but the RNG (restored last, right before the first step). Returns the checkpoint."""
+def resume(path, model, ema, optimizer):
+    """Load weights, EMA and optimizer; the RNG states are restored later, right before the first step."""
     if not os.path.isfile(path):
         fail(f"--resume {path}: no such checkpoint")
     ckpt = emigm.load_checkpoint(path)
@@ -196,8 +195,7 @@ def resume(path, model, ema, optimizer, world, rank):
 
 def restore_rng(states, world, rank, logger):
     if len(states) != world:
-        logger.info(f"warning: checkpoint from {len(states)} processes, now {world}: RNG streams start afresh")
-        return
+        return logger.info(f"warning: checkpoint of {len(states)} processes, now {world}: new RNG streams")
     torch.set_rng_state(states[rank]["cpu"])
     if "cuda" in states[rank] and torch.cuda.is_available():
         torch.cuda.set_rng_state(states[rank]["cuda"])
@@ -206,15 +204,12 @@ def restore_rng(states, world, rank, logger):
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation through sample.py: a class-conditional grid, and on Fashion-MNIST the small-data metric of fid.py
 # ----------------------------------------------------------------------------------------------------------------
-def sampler_settings(args):
-    return dict(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule, cfg_interval=tuple(args.cfg_interval),
-                head_sampler="dpm-solver", head_steps=args.head_steps, temperature=1.0)
-
-
 def generate(ema, tok, labels, args, batch=250):
     """EMA samples -> uint8 (N, H, W, 3). Seeded generators of their own: evaluating never touches the training RNG."""
     import sample
-    return np.concatenate([sample.generate(ema, tok, lab, sampler_settings(args), (args.seed << 32) + i, lab.device)
+    kw = dict(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule, head_steps=args.head_steps,
+              cfg_interval=tuple(args.cfg_interval))  # DPM-Solver head (the official evaluation)
+    return np.concatenate([sample.generate(ema, tok, lab, kw, (args.seed << 32) + i, lab.device)
                            for i, lab in enumerate(labels.split(batch))])
 
 
@@ -288,12 +283,11 @@ def build_model(args, tok=None):
 
 
 def main(args):
-    start_time = time.time()
-    rank, world, device = setup_distributed()
-    if args.global_batch_size is None:
-        args.global_batch_size = 64 * world  # 64 images per GPU (official B/L/H)
+    start_time, world = time.time(), int(os.environ.get("WORLD_SIZE", 1))
+    args.global_batch_size = args.global_batch_size or 64 * world  # default: 64 images per GPU (official B/L/H)
     if args.global_batch_size % world:
         fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
+    rank, world, device = setup_distributed()
     local_bs = args.global_batch_size // world
     args.lr = args.lr or args.blr * args.global_batch_size / 256  # official lr scaling
     if rank == 0:
@@ -301,7 +295,10 @@ def main(args):
     barrier()
     logger = create_logger(args.results_dir, rank)
 
-    ds, to_tokens, tok = build_data(args, device)
+    try:
+        ds, to_tokens, tok = build_data(args, device)
+    except (FileNotFoundError, ValueError) as e:  # tokenizer.py's messages are one line and say what to do
+        fail(e)
     torch.manual_seed(args.seed)  # the same initial weights on every rank, whatever the world size
     model = build_model(args, tok).to(device)
     if ds is None:
@@ -319,12 +316,12 @@ def main(args):
     total = args.max_steps or args.epochs * steps_per_epoch
     step, rng_states = 0, None
     if args.resume:
-        ckpt = resume(args.resume, model, ema, optimizer, world, rank)
+        ckpt = resume(args.resume, model, ema, optimizer)
         step, rng_states = ckpt["step"], ckpt["rng"]
     train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     # bf16 autocast on CUDA (the head's diffusion math stays fp32 inside emigm.py); plain fp32 on CPU or with --fp32
     ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and not args.fp32 else contextlib.nullcontext()
-    metric = small_data_metric(args) if args.dataset == "fashion-mnist" and rank == 0 else None
+    metric = None  # Fashion-MNIST: fid.py's small-data metric, built (classifier trained once, cached) when first used
     logger.info(f"eMIGM-{args.size}: {sum(p.numel() for p in params):,} parameters, {len(ds):,} examples, "
                 f"{world} process(es) on {device}, global batch {args.global_batch_size}, lr {args.lr:.3g}, "
                 f"{total} steps ({steps_per_epoch} per epoch), starting at step {step}")
@@ -334,7 +331,7 @@ def main(args):
 
     csv_path = Path(args.results_dir) / "log.csv"
     if rank == 0 and not csv_path.exists():
-        csv_path.write_text("step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb\n")
+        csv_path.write_text("step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb,cpu_s\n")
     model.train()
     result, stats, t_log, log_steps = {}, torch.zeros(2, dtype=torch.float64), time.time(), 0
     pbar = tqdm(total=total, initial=step, disable=rank != 0 or not args.progress, dynamic_ncols=True)
@@ -366,9 +363,9 @@ def main(args):
                     stats /= world
                 elapsed, mem = time.time() - t_log, peak_memory_gb(device)
                 row = [step, step / steps_per_epoch, stats[0].item() / log_steps, lr, stats[1].item() / log_steps,
-                       log_steps * args.global_batch_size / elapsed, mem]
+                       log_steps * args.global_batch_size / elapsed, mem, time.process_time()]
                 logger.info("step {} epoch {:.2f} loss {:.4f} lr {:.3g} grad norm {:.3f} {:.1f} img/s peak mem "
-                            "{:.2f} GB".format(*row))
+                            "{:.2f} GB cpu {:.0f} s".format(*row))
                 if rank == 0:
                     with open(csv_path, "a", newline="") as f:
                         csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
@@ -380,8 +377,9 @@ def main(args):
                 write_checkpoint(names, model, ema, optimizer, step, steps_per_epoch, args, world, rank)
             if step == total or (args.sample_every and step % args.sample_every == 0):
                 if rank == 0:
-                    result = evaluate(ema, tok, args, step, device, logger,
-                                      metric if step == total or args.periodic_metric else None)
+                    if args.dataset == "fashion-mnist" and (step == total or args.periodic_metric):
+                        metric = metric or small_data_metric(args)
+                    result = evaluate(ema, tok, args, step, device, logger, metric)
                 barrier()
             if step >= total:
                 break
@@ -392,20 +390,10 @@ def main(args):
     return model, ema
 
 
-def random_tokens(model, args):
+def random_tokens(model, args):  # --dataset random: Gaussian tokens and labels (benchmark, tests)
     g = torch.Generator().manual_seed(args.seed)
     n, L, C = max(4 * args.global_batch_size, 256), model.seq_len, model.token_channels
     return TensorDataset(torch.randn(n, L, C, generator=g), torch.randint(model.num_classes, (n,), generator=g))
-
-
-def write_checkpoint(names, model, ema, optimizer, step, steps_per_epoch, args, world, rank):
-    rng = gather_rng_states(world)  # collective: every rank takes part
-    if rank == 0:
-        ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                    epoch=step / steps_per_epoch, args=dict(vars(args)), config=model.config, rng=rng)
-        for name in names:
-            save_checkpoint(Path(args.results_dir) / name, ckpt)
-    barrier()  # nobody runs ahead (or exits) before the file is complete
 
 
 def peak_memory_gb(device):
@@ -443,17 +431,17 @@ def bench(args):
         return time.perf_counter() - t
     step(), step()  # warm-up
     torch.manual_seed(args.seed)  # the same masks for the timed and the counted steps
-    times = [step() for _ in range(args.bench_steps)]
+    times = [step() for _ in range(BENCH_STEPS)]
     torch.manual_seed(args.seed)
     with FlopCounterMode(display=False) as counter:
-        [step() for _ in range(args.bench_steps)]
+        [step() for _ in range(BENCH_STEPS)]  # the same masks and so the same shapes as the timed steps
     a = torch.randn(2048, 2048, device=device)
     peak = max(2 * 2048 ** 3 / (lambda t: (a @ a, sync(), time.perf_counter() - t)[2])(time.perf_counter())
                for _ in range(10))
     t = sorted(times)[len(times) // 2]
-    achieved = counter.get_total_flops() / args.bench_steps / t
+    achieved = counter.get_total_flops() / BENCH_STEPS / t
     print(f"eMIGM-{args.size}, {model.seq_len} tokens x {model.token_channels} ch, batch {B}, {device}, "
-          f"{torch.get_num_threads()} threads: step {t:.3f} s (median of {args.bench_steps}), {B / t:.1f} images/s, "
+          f"{torch.get_num_threads()} threads: step {t:.3f} s (median of {BENCH_STEPS}), {B / t:.1f} images/s, "
           f"peak memory {peak_memory_gb(device):.2f} GB, {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of the "
           f"fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s, 2048^3 in this process)")
 
@@ -462,7 +450,6 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--demo", action="store_true", help="the Fashion-MNIST CPU demo: " + str(DEMO))
     p.add_argument("--bench", action="store_true", help="time a training step on random data (batch 8)")
-    p.add_argument("--bench-steps", type=int, default=5)
     p.add_argument("--size", default="B", choices=list(emigm.EMIGM_models))
     p.add_argument("--img-size", type=int, default=256, choices=[256, 512])
     # data
