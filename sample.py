@@ -7,8 +7,10 @@ Sec. 3 / Fig. 2 of the paper, computing what the official code (ML-GSAI/eMIGM at
     learned variance over 100 respaced steps;
   * classifier-free guidance with the mask (Fig. 2e), only on steps whose next time s is in (t_min, t_max]
     ("time interval", Table 2's "16 x 1.2" and "128 x 1.4" NFE).
-Deviation, same distribution: the official code picks the revealed tokens with a Python loop of CPU randperm calls
-over the rows; here one vectorised draw gives every row a uniform subset of the same (Binomial) size.
+Deviations, same distribution: the official code picks the revealed tokens with a Python loop of CPU randperm calls
+over the rows, here one vectorised draw gives every row a uniform subset of the same (Binomial) size; DDPM with CFG
+draws the per-step noise of the kept (conditional) half only. On GPUs the transformer runs in bf16 autocast (official:
+fp16), the head in fp32. On CPUs everything is fp32 and the deterministic parts equal the official outputs.
 
   python sample.py --ckpt PATH --size XS --nfe 16                       # grid PNG, one row per class
   torchrun --nproc_per_node 8 sample.py --ckpt PATH --size H --nfe 128 --num-images 50000 --out DIR   # samples.npz
@@ -167,19 +169,19 @@ def dpm_solver_sample(net, noise, cond, uncond=None, cfg=1.0, steps=8):
         (_, _, sig_s), (_, a_t, sig_t) = p["s"], p["t"]
         phi_1 = torch.expm1(-h)
         m_s = data_pred(x, p["s"])
-        if order == 1:
+        if order == 1:  # DPM-Solver++1 (= DDIM)
             x = sig_t / sig_s * x - a_t * phi_1 * m_s
             continue
         _, a_s1, sig_s1 = p["s1"]
         m_s1 = data_pred(sig_s1 / sig_s * x - a_s1 * torch.expm1(-r1 * h) * m_s, p["s1"])
-        if order == 2:
+        if order == 2:  # DPM-Solver++(2S), Lu et al. 2022b Alg. 1
             x = sig_t / sig_s * x - a_t * phi_1 * m_s - (0.5 / r1) * (a_t * phi_1) * (m_s1 - m_s)
             continue
         _, a_s2, sig_s2 = p["s2"]
         phi_12 = torch.expm1(-r2 * h)
         x_s2 = (sig_s2 / sig_s * x - a_s2 * phi_12 * m_s
                 + r2 / r1 * (a_s2 * (phi_12 / (r2 * h) + 1)) * (m_s1 - m_s))
-        m_s2 = data_pred(x_s2, p["s2"])
+        m_s2 = data_pred(x_s2, p["s2"])  # order 3: the singlestep 3S update of DPM-Solver's code
         x = sig_t / sig_s * x - a_t * phi_1 * m_s + (1.0 / r2) * (a_t * (phi_1 / h + 1)) * (m_s2 - m_s)
     return x
 
@@ -332,7 +334,7 @@ def generate(model, tok, labels, kw, seed, device):
     return x.expand(-1, -1, -1, 3).cpu().numpy() if x.shape[-1] == 1 else x.cpu().numpy()
 
 
-def bulk(model, tok, kw, args, rank, world, device):
+def bulk(model, tok, kw, args, rank, world, device, inception=None):
     """N images, exactly N / num_classes per class (image i has class i % num_classes). Global batch j is seeded from
     (seed, j) and saved to its own file; batches are dealt round-robin to the ranks, so the bytes do not depend on the
     number of processes, and a restart skips finished batches. Rank 0 writes samples.npz (arr_0 images, arr_1
@@ -368,8 +370,7 @@ def bulk(model, tok, kw, args, rank, world, device):
             metric = fid.SmallDataMetric(*tokenizer.load_fashion_mnist("train"), str(cache))
             print(fid.SmallDataMetric.label, metric.evaluate(arr[..., 0], labels.numpy()))
         elif args.fid_ref:
-            import fid
-            print(fid.compute_metrics(arr, args.fid_ref, model=fid.load_inception(args.inception, device)))
+            print(__import__("fid").compute_metrics(arr, args.fid_ref, model=inception))
 
 
 def grid(model, tok, kw, args, device):
@@ -477,6 +478,11 @@ def run(args):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")  # the local, not global, rank
     if cuda:
         torch.cuda.set_device(device)
+    inception = None
+    if args.fid_ref and args.fid_ref != "fashion-mnist" and rank == 0:  # fail now, not after sampling 50k images
+        if not os.path.exists(args.fid_ref):
+            raise FileNotFoundError(f"--fid-ref {args.fid_ref} does not exist")
+        inception = __import__("fid").load_inception(args.inception, device)
     model, ckpt_args = load_model(args, device)
     kw = settings(args, model)
     kind = args.tokenizer or ("pixel" if model.seq_len != 256 else "dcae" if model.token_channels == 32 else "kl16")
@@ -487,7 +493,7 @@ def run(args):
     if rank == 0:
         k, f = nfe(kw["num_iter"], kw["cfg"], kw["cfg_interval"])
         print(f"NFE = {k} x {f:.4f} (~{k} x {f:.1f}); {kw}")
-    bulk(model, tok, kw, args, rank, world, device) if args.out else grid(model, tok, kw, args, device)
+    bulk(model, tok, kw, args, rank, world, device, inception) if args.out else grid(model, tok, kw, args, device)
     if rank == 0:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         mem = torch.cuda.max_memory_allocated(device) if cuda else rss

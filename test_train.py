@@ -53,7 +53,7 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs between ranks"
     rows = (tmp_path / "log.csv").read_text().splitlines()
-    assert rows[0].startswith("step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb") and len(rows) == 4
+    assert rows[0].startswith("step,epoch,loss,lr,grad_norm,peak_mem_gb,images_per_s") and len(rows) == 4
     assert all(np.isfinite(float(r.split(",")[2])) for r in rows[1:])
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # both ranks' RNG states, for an exact resume

@@ -6,7 +6,7 @@ grad clip 3.0; EMA 0.9999; 64 images per GPU; 800 epochs), and every design choi
 
     torchrun --nproc_per_node 8 train.py --size B --cached-path cache/    # latents cached by `tokenizer.py cache`
     torchrun --nproc_per_node 8 train.py --size B --data-path imagenet/train --vae kl16.ckpt
-    python train.py --demo                 # Fashion-MNIST on 2 CPU cores in <= 10 minutes: grid, Frechet distance, accuracy
+    python train.py --demo                 # Fashion-MNIST, 2 CPU cores, <= 10 minutes: grid, Frechet distance, accuracy
     python train.py --bench --size XS      # step time, images/s, peak memory, share of the fp32 matmul peak
 
 Exact resume: `--resume out/last.pt` restores weights, EMA, optimizer, step, sampler position and every rank's RNG
@@ -15,7 +15,6 @@ state, so N steps straight and N/2 + resume + N/2 give the same parameters (bitw
 import argparse
 import contextlib
 import copy
-import csv
 import itertools
 import logging
 import math
@@ -52,13 +51,13 @@ def fail(msg):
 # Distributed set-up (DiT's block, optional): torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process
 # ----------------------------------------------------------------------------------------------------------------
 def setup_distributed():
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    rank, world, local_rank = (int(os.environ.get(k, 1 if k == "WORLD_SIZE" else 0)) for k in
+                               ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type ==
-                                "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 
@@ -72,7 +71,8 @@ def create_logger(results_dir, rank):
     logger = logging.getLogger("train")
     logger.handlers.clear()
     logger.propagate, logger.level = False, logging.INFO if rank == 0 else logging.CRITICAL + 1
-    for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(Path(results_dir) / "log.txt")) if rank == 0 else ():
+    handlers = (logging.StreamHandler(sys.stdout), logging.FileHandler(Path(results_dir) / "log.txt"))
+    for h in handlers if rank == 0 else ():
         h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
         logger.addHandler(h)
     return logger
@@ -96,10 +96,14 @@ def build_data(args, device):
         if not os.path.isdir(args.cached_path):
             fail(f"--cached-path {args.cached_path} does not exist (write it with `python tokenizer.py cache`)")
         ds = tokenizer.CachedLatents(args.cached_path)  # read in this process: its draws use the saved RNG
+        if ds.kind != ("dcae" if args.img_size == 512 else "kl16"):
+            fail(f"{args.cached_path} holds {ds.kind} latents: pass --img-size {512 if ds.kind == 'dcae' else 256}")
         tok = tokenizer.load_tokenizer(ds.kind, args.vae).to(device).eval() if args.vae else None  # for grids only
         return ds, lambda x: x.to(device), tok
     if not args.data_path or not os.path.isdir(args.data_path):
         fail(f"--data-path {args.data_path} does not exist: give an ImageFolder tree, --cached-path or --dataset")
+    if args.img_size != 256:
+        fail("ImageFolder training encodes with KL-16 at 256px; at 512px cache DC-AE latents and pass --cached-path")
     if not args.vae or not os.path.isfile(args.vae):
         fail(f"--vae {args.vae} does not exist: ImageFolder training encodes through MAR's kl16.ckpt")
     tok = tokenizer.load_tokenizer("kl16", args.vae).to(device).eval()
@@ -118,9 +122,6 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.start, None)
-
-    def __len__(self):
-        return super().__len__() - self.start
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ def update_ema(ema_params, params, decay):
 # ----------------------------------------------------------------------------------------------------------------
 def rng_states(world):
     """Every rank's torch RNG states (CPU and, on GPU, CUDA), so that a resume replays the same masks and noise."""
-    state = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+    state = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
     states = [state] * world
     if world > 1:
         dist.all_gather_object(states, state)
@@ -184,7 +185,8 @@ def resume(path, model, ema, optimizer):
     if not os.path.isfile(path):
         fail(f"--resume {path}: no such checkpoint")
     ckpt = emigm.load_checkpoint(path)
-    diff = [f"{k}={ckpt['config'].get(k)} (this run {v})" for k, v in model.config.items() if ckpt["config"].get(k) != v]
+    old = ckpt["config"]
+    diff = [f"{k}={old.get(k)} (this run {v})" for k, v in model.config.items() if old.get(k) != v]
     if diff:
         fail(f"--resume {path} was trained with a different model: {', '.join(diff)}")
     model.load_state_dict(ckpt["model"])
@@ -236,28 +238,26 @@ def evaluate(ema, tok, args, step, device, logger, metric=None):
 
 
 def small_data_metric(args):
-    """fid.py's offline metric for 28x28 data: a small CNN trained once on the train split (cached)."""
+    """fid.py's offline metric for 28x28 data: a small CNN trained once on the train split (cached in a file)."""
     import fid
     import tokenizer
-    images, labels = tokenizer.load_fashion_mnist("train", args.data_path)
-    return fid.SmallDataMetric(images.numpy(), labels.numpy(), args.metric_cache)
+    return fid.SmallDataMetric(*(t.numpy() for t in tokenizer.load_fashion_mnist("train", args.data_path)),
+                               args.metric_cache)
 
 
 def report_demo(metric, result, args, seconds, logger):
-    """The demo's verdict: the samples' metrics next to real test images, the same number of them (same bias)."""
-    import fid
+    """The demo's verdict next to as many real test images as samples (the Frechet distance's bias depends on N)."""
     import tokenizer
-    test_images, test_labels = (t[:args.eval_samples].numpy() for t in tokenizer.load_fashion_mnist("test",
-                                                                                                   args.data_path))
-    base = metric.baselines(test_images, test_labels)
-    logger.info(f"{fid.SmallDataMetric.label}, {args.eval_samples} images each:\n"
-                f"  samples      FD {result['frechet']:8.3f}   conditional accuracy {result['accuracy']:.3f}\n"
-                f"  3x3 blur     FD {base['blur3x3']:8.3f}   (real test images through a 3x3 box blur)\n"
-                f"  real test    FD {base['real_test']:8.3f}   classifier accuracy {base['classifier_accuracy']:.3f}"
-                f" (the ceiling)\n  floor        FD {base['floor']:8.3f}   (test half against test half)\n"
-                f"  targets: accuracy >= 0.80 {'met' if result['accuracy'] >= 0.8 else 'MISSED'}, FD below the blur "
-                f"{'met' if result['frechet'] < base['blur3x3'] else 'MISSED'}; {seconds / 60:.1f} minutes in all; "
-                f"grid {result['grid']}")
+    base = metric.baselines(*(t[:args.eval_samples].numpy() for t in tokenizer.load_fashion_mnist("test",
+                                                                                                 args.data_path)))
+    met = lambda ok: "met" if ok else "MISSED"
+    logger.info(f"{metric.label}, {args.eval_samples} images each:\n"
+                f"  samples    FD {result['frechet']:8.3f}  conditional accuracy {result['accuracy']:.3f}\n"
+                f"  3x3 blur   FD {base['blur3x3']:8.3f}  (real test images through a 3x3 box blur)\n"
+                f"  real test  FD {base['real_test']:8.3f}  classifier accuracy {base['classifier_accuracy']:.3f}"
+                f" (the ceiling)\n  floor      FD {base['floor']:8.3f}  (test half against test half)\n"
+                f"targets: accuracy >= 0.80 {met(result['accuracy'] >= 0.8)}, FD below the blur "
+                f"{met(result['frechet'] < base['blur3x3'])}; {seconds / 60:.1f} minutes in all; grid {result['grid']}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,15 +265,11 @@ def report_demo(metric, result, args, seconds, logger):
 # ----------------------------------------------------------------------------------------------------------------
 def build_model(args, tok=None):
     """The --size preset with the flags given on the command line (None = the preset's value, which is official)."""
-    over = {k: getattr(args, k) for k in ("width", "depth", "num_heads", "head_depth", "head_width", "buffer_size",
-            "mask_schedule", "loss_weighting", "t_min", "label_drop_prob", "diffusion_batch_mul") if getattr(args, k)
-            is not None}
+    names = ("width", "depth", "num_heads", "head_depth", "head_width", "buffer_size", "mask_schedule",
+             "loss_weighting", "t_min", "use_mae", "cfg_with_mask", "label_drop_prob", "diffusion_batch_mul")
+    over = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.dropout is not None:
         over.update(attn_dropout=args.dropout, proj_dropout=args.dropout)
-    if args.no_mae:  # Fig. 2c: the MAE trick off
-        over["use_mae"] = False
-    if args.no_cfg_with_mask:  # Fig. 2e: a separate mask token instead of the fake class embedding
-        over["cfg_with_mask"] = False
     if tok is not None and args.dataset == "fashion-mnist":  # pixel tokens of 28x28 images, 10 classes
         over.update(seq_len=tok.seq_len(28), token_channels=tok.channels, num_classes=10)
     try:
@@ -288,63 +284,54 @@ def main(args):
     if args.global_batch_size % world:
         fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
     rank, world, device = setup_distributed()
-    local_bs = args.global_batch_size // world
-    args.lr = args.lr or args.blr * args.global_batch_size / 256  # official lr scaling
+    local_bs, args.lr = args.global_batch_size // world, args.lr or args.blr * args.global_batch_size / 256  # official
     if rank == 0:
         os.makedirs(args.results_dir, exist_ok=True)
     barrier()
     logger = create_logger(args.results_dir, rank)
-
     try:
         ds, to_tokens, tok = build_data(args, device)
     except (FileNotFoundError, ValueError) as e:  # tokenizer.py's messages are one line and say what to do
         fail(e)
     torch.manual_seed(args.seed)  # the same initial weights on every rank, whatever the world size
     model = build_model(args, tok).to(device)
-    if ds is None:
-        ds = random_tokens(model, args)
+    ds = ds or random_tokens(model, args)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # the EMA copy: no gradients, always in eval mode
     params, ema_params = list(model.parameters()), list(ema.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    in_memory = isinstance(ds, TensorDataset)
-    loader = DataLoader(ds, batch_size=local_bs, sampler=sampler, drop_last=True, num_workers=0 if in_memory else
-                        args.num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+    loader = DataLoader(ds, batch_size=local_bs, sampler=sampler, drop_last=True, pin_memory=device.type == "cuda",
+                        num_workers=args.num_workers if args.dataset == "imagefolder" else 0,  # in-memory / mmap: 0
+                        generator=torch.Generator())  # its own: making an iterator leaves the global RNG alone
     steps_per_epoch = len(sampler) // local_bs
     if steps_per_epoch == 0:
         fail(f"{len(ds)} training examples cannot fill one global batch of {args.global_batch_size}")
-    total = args.max_steps or args.epochs * steps_per_epoch
-    step, rng_states = 0, None
-    if args.resume:
-        ckpt = resume(args.resume, model, ema, optimizer)
-        step, rng_states = ckpt["step"], ckpt["rng"]
+    total, step = args.max_steps or args.epochs * steps_per_epoch, 0
+    ckpt = resume(args.resume, model, ema, optimizer) if args.resume else {}
+    step = ckpt.get("step", 0)
     train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    # bf16 autocast on CUDA (the head's diffusion math stays fp32 inside emigm.py); plain fp32 on CPU or with --fp32
-    ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and not args.fp32 else contextlib.nullcontext()
-    metric = None  # Fashion-MNIST: fid.py's small-data metric, built (classifier trained once, cached) when first used
+    ctx = autocast(device, args)
     logger.info(f"eMIGM-{args.size}: {sum(p.numel() for p in params):,} parameters, {len(ds):,} examples, "
                 f"{world} process(es) on {device}, global batch {args.global_batch_size}, lr {args.lr:.3g}, "
                 f"{total} steps ({steps_per_epoch} per epoch), starting at step {step}")
     torch.manual_seed(args.seed + rank)  # per-rank streams for masks, noise, dropout and label drop (official)
-    if rng_states is not None:
-        restore_rng(rng_states, world, rank, logger)
-
-    csv_path = Path(args.results_dir) / "log.csv"
+    if ckpt:
+        restore_rng(ckpt["rng"], world, rank, logger)
+    csv_path, metric, result = Path(args.results_dir) / "log.csv", None, {}
     if rank == 0 and not csv_path.exists():
-        csv_path.write_text("step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb,cpu_s\n")
+        csv_path.write_text("step,epoch,loss,lr,grad_norm,peak_mem_gb,images_per_s,cpu_s\n")
     model.train()
-    result, stats, t_log, log_steps = {}, torch.zeros(2, dtype=torch.float64), time.time(), 0
+    stats, t_log, log_steps = torch.zeros(2, dtype=torch.float64), time.time(), 0
     pbar = tqdm(total=total, initial=step, disable=rank != 0 or not args.progress, dynamic_ncols=True)
     while step < total:
         sampler.set_epoch(step // steps_per_epoch)  # the same shuffle for a given epoch, straight or resumed
-        sampler.start = (step % steps_per_epoch) * local_bs  # resume mid-epoch where the run stopped
-        for x, labels in loader:
+        sampler.start = (step % steps_per_epoch) * local_bs  # a resume continues mid-epoch where the run stopped
+        for x, labels in itertools.islice(loader, total - step):
             lr = lr_at(step, steps_per_epoch, total, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            tokens, labels = to_tokens(x), labels.to(device)  # (B, L, C), (B,)
             with ctx:
-                loss = train_model(tokens, labels)
+                loss = train_model(to_tokens(x), labels.to(device))  # tokens (B, L, C), labels (B,)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # global L2 norm (DDP: all ranks)
@@ -357,20 +344,18 @@ def main(args):
             step, log_steps = step + 1, log_steps + 1
             stats += torch.tensor([loss_v, norm_v], dtype=torch.float64)
             pbar.update(1)
-            if step % args.log_every == 0 or step == total:
+            if step % args.log_every == 0 or step == total:  # mean loss and grad norm over the steps and the ranks
                 if world > 1:
                     dist.all_reduce(stats)
-                    stats /= world
-                elapsed, mem = time.time() - t_log, peak_memory_gb(device)
-                row = [step, step / steps_per_epoch, stats[0].item() / log_steps, lr, stats[1].item() / log_steps,
-                       log_steps * args.global_batch_size / elapsed, mem, time.process_time()]
-                logger.info("step {} epoch {:.2f} loss {:.4f} lr {:.3g} grad norm {:.3f} {:.1f} img/s peak mem "
-                            "{:.2f} GB cpu {:.0f} s".format(*row))
+                loss_mean, norm_mean = (stats / (world * log_steps)).tolist()
+                row = [step, step / steps_per_epoch, loss_mean, lr, norm_mean, peak_memory_gb(device),
+                       log_steps * args.global_batch_size / (time.time() - t_log), time.process_time()]
+                logger.info("step {} epoch {:.2f} loss {:.4f} lr {:.3g} grad norm {:.3f} peak mem {:.2f} GB "
+                            "{:.1f} img/s cpu {:.0f} s".format(*row))
                 if rank == 0:
-                    with open(csv_path, "a", newline="") as f:
-                        csv.writer(f).writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
-                stats.zero_()
-                t_log, log_steps = time.time(), 0
+                    with open(csv_path, "a") as f:
+                        f.write(",".join(f"{v:.6g}" for v in row) + "\n")
+                stats, t_log, log_steps = torch.zeros(2, dtype=torch.float64), time.time(), 0
             names = ["last.pt"] * (step % args.save_every == 0 or step == total)
             names += [f"ckpt_{step:07d}.pt"] * (args.ckpt_every > 0 and step % args.ckpt_every == 0)
             if names:
@@ -381,8 +366,7 @@ def main(args):
                         metric = metric or small_data_metric(args)
                     result = evaluate(ema, tok, args, step, device, logger, metric)
                 barrier()
-            if step >= total:
-                break
+                t_log = time.time()
     pbar.close()
     if rank == 0 and "accuracy" in result:
         report_demo(metric, result, args, time.time() - start_time, logger)
@@ -396,6 +380,11 @@ def random_tokens(model, args):  # --dataset random: Gaussian tokens and labels 
     return TensorDataset(torch.randn(n, L, C, generator=g), torch.randint(model.num_classes, (n,), generator=g))
 
 
+def autocast(device, args):
+    """bf16 autocast on CUDA (emigm.py keeps the head's diffusion math in fp32); plain fp32 on CPU or with --fp32."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and not args.fp32 else contextlib.nullcontext()
+
+
 def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -403,42 +392,45 @@ def peak_memory_gb(device):
 
 
 def bench(args):
-    """--bench: a full training step (forward, backward, clip, AdamW, EMA) of --size on random tokens of the 256px
-    shapes; FLOPs counted by torch's FlopCounterMode on the same steps (same seed), the peak timed on a 2048^3 matmul."""
-    from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+    """--bench: training steps (forward, backward, clip, AdamW, EMA) of --size on random tokens of the 256px shapes;
+    FLOPs counted by torch's FlopCounterMode on the same steps (same seed), the peak timed on 2048^3 matmuls."""
+    from torch.utils import flop_counter as fc
     with contextlib.suppress(Exception):  # count CPU flash attention as torch counts the GPU kernels
-        register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)(
-            lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v))
+        fc.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)(
+            lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q, k, v))
+        fc.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)(
+            lambda g, q, k, v, *a, **kw: fc.sdpa_backward_flop_count(g, q, k, v))
     _, _, device = setup_distributed()
     torch.manual_seed(args.seed)
-    model = build_model(args).to(device)
+    model, B = build_model(args).to(device), args.global_batch_size or 8
     params, ema_params = list(model.parameters()), [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
-    B = args.global_batch_size or 8
     x = torch.randn(B, model.seq_len, model.token_channels, device=device)
-    y = torch.randint(model.num_classes, (B,), device=device)
+    y = torch.arange(B, device=device) % model.num_classes
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    ctx = autocast(device, args)
+
+    def timed(fn):
+        t = time.perf_counter()
+        fn(), sync()
+        return time.perf_counter() - t
 
     def step():
-        t = time.perf_counter()
-        loss = model(x, y)
+        with ctx:
+            loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
         update_ema(ema_params, params, args.ema_decay)
-        sync()
-        return time.perf_counter() - t
     step(), step()  # warm-up
-    torch.manual_seed(args.seed)  # the same masks for the timed and the counted steps
-    times = [step() for _ in range(BENCH_STEPS)]
     torch.manual_seed(args.seed)
-    with FlopCounterMode(display=False) as counter:
-        [step() for _ in range(BENCH_STEPS)]  # the same masks and so the same shapes as the timed steps
+    t = sorted(timed(step) for _ in range(BENCH_STEPS))[BENCH_STEPS // 2]
+    torch.manual_seed(args.seed)  # the same masks, so the same shapes, as the timed steps
+    with fc.FlopCounterMode(display=False) as counter:
+        [step() for _ in range(BENCH_STEPS)]
     a = torch.randn(2048, 2048, device=device)
-    peak = max(2 * 2048 ** 3 / (lambda t: (a @ a, sync(), time.perf_counter() - t)[2])(time.perf_counter())
-               for _ in range(10))
-    t = sorted(times)[len(times) // 2]
+    peak = max(2 * 2048 ** 3 / timed(lambda: a @ a) for _ in range(10))
     achieved = counter.get_total_flops() / BENCH_STEPS / t
     print(f"eMIGM-{args.size}, {model.seq_len} tokens x {model.token_channels} ch, batch {B}, {device}, "
           f"{torch.get_num_threads()} threads: step {t:.3f} s (median of {BENCH_STEPS}), {B / t:.1f} images/s, "
@@ -476,9 +468,9 @@ def parse_args(argv=None):
     # the model: None = the preset's value; the preset defaults are the paper's (Fig. 2 choices marked)
     p.add_argument("--mask-schedule", choices=list(emigm.SCHEDULES), help="Fig. 2a (paper: exp)")
     p.add_argument("--loss-weighting", choices=list(emigm.WEIGHTINGS), help="Fig. 2b (paper: constant)")
-    p.add_argument("--no-mae", action="store_true", help="Fig. 2c: masked tokens enter the encoder")
+    p.add_argument("--mae", dest="use_mae", action=argparse.BooleanOptionalAction, help="Fig. 2c (paper: on)")
     p.add_argument("--t-min", type=float, help="Fig. 2d: time truncation (paper: 0.2)")
-    p.add_argument("--no-cfg-with-mask", action="store_true", help="Fig. 2e: a separate mask token")
+    p.add_argument("--cfg-with-mask", action=argparse.BooleanOptionalAction, help="Fig. 2e (paper: on)")
     p.add_argument("--diffusion-batch-mul", type=int, help="head copies per token (paper: 4)")
     p.add_argument("--label-drop-prob", type=float, help="CFG training (paper: 0.1)")
     p.add_argument("--dropout", type=float, help="attention and projection dropout (paper: 0.1)")
