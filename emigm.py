@@ -233,9 +233,7 @@ class Attention(nn.Module):
     def __init__(self, dim, num_heads, attn_dropout, proj_dropout):
         super().__init__()
         self.num_heads, self.attn_dropout = num_heads, attn_dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_dropout)
+        self.qkv, self.proj, self.proj_drop = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Dropout(proj_dropout)
 
     def forward(self, x):  # x: (B, N, D)
         B, N, D = x.shape
@@ -272,7 +270,6 @@ class Block(nn.Module):
 # ==== eMIGM =======================================================================================================
 class EMIGM(nn.Module):
     """MAE encoder-decoder over continuous tokens + per-token diffusion head (Sec. 3, Fig. 2).
-
     tokens: (B, L, C) in row-major (h, w) order; mask: (B, L) bool, True = masked (to be predicted)."""
 
     def __init__(self, seq_len, token_channels, width, depth, num_heads, head_depth, head_width, num_classes=1000,
