@@ -7,10 +7,9 @@ Sec. 3 / Fig. 2 of the paper, computing what the official code (ML-GSAI/eMIGM at
     learned variance over 100 respaced steps;
   * classifier-free guidance with the mask (Fig. 2e), only on steps whose next time s is in (t_min, t_max]
     ("time interval", Table 2's "16 x 1.2" and "128 x 1.4" NFE).
-Deviations, same distribution: the official code picks the revealed tokens with a Python loop of CPU randperm calls
-over the rows, here one vectorised draw gives every row a uniform subset of the same (Binomial) size; DDPM with CFG
-draws the per-step noise of the kept (conditional) half only. On GPUs the transformer runs in bf16 autocast (official:
-fp16), the head in fp32. On CPUs everything is fp32 and the deterministic parts equal the official outputs.
+Deviations, same distribution: one vectorised draw gives every row a uniform subset of the same (Binomial) size
+(official: a Python loop of CPU randperm calls over the rows); DDPM with CFG draws the noise of the conditional half
+only. GPUs: the transformer in bf16 autocast (official: fp16), the head fp32. CPUs: fp32, equal to the official.
 
   python sample.py --ckpt PATH --size XS --nfe 16                       # grid PNG, one row per class
   torchrun --nproc_per_node 8 sample.py --ckpt PATH --size H --nfe 128 --num-images 50000 --out DIR   # samples.npz
@@ -19,8 +18,8 @@ fp16), the head in fp32. On CPUs everything is fp32 and the deterministic parts 
 import argparse
 import math
 import os
-import pickle
 import resource
+import shutil
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -47,9 +46,7 @@ CFG_SCHEDULES = {"constant": None, "linear": lambda u: u, "power": lambda u: u *
                  "exp": lambda u: 1 - math.exp(-5 * u), "cosine": lambda u: math.cos(math.pi / 2 * (1 - u))}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The mask-prediction schedule, CFG interval and NFE
-# ----------------------------------------------------------------------------------------------------------------
+# ---- The mask-prediction schedule, CFG interval and NFE -------------------------------------------------------------
 def reveal_schedule(num_iter, schedule="exp"):
     """Times t_0 = 1 > ... > t_K = 1e-5 (K+1,) and, per step, the share of masked tokens to reveal p_k (K,)."""
     ts = torch.linspace(1, SAMPLER_EPS, num_iter + 1)  # float32, as the official code
@@ -69,22 +66,22 @@ def nfe(num_iter, cfg, cfg_interval):
     return num_iter, 1 + cfg_steps(num_iter, cfg, cfg_interval).float().mean().item()
 
 
+def draw(fn, shape, generator, device):
+    """torch.rand or torch.randn from `generator` on its own device (the same numbers whatever the model's device)."""
+    return fn(shape, generator=generator, device=generator.device if generator is not None else device).to(device)
+
+
 def choose_reveal(mask, p, generator=None):
     """Which masked tokens to reveal now: n ~ Binomial(#masked, p) (at least 1) in every row, each row a uniform
     n-subset of its own masked positions. mask (B, L) bool (same count per row) -> reveal (B, L) bool."""
-    num_masked = int(mask[0].sum())
     if p >= 1:
         return mask.clone()
-    dev = generator.device if generator is not None else mask.device
-    n = max(int((torch.rand(num_masked, generator=generator, device=dev) < p).sum()), 1)  # official: row 0's draws
-    scores = torch.rand(mask.shape, generator=generator, device=dev).to(mask.device).masked_fill(~mask, 2.0)
-    idx = scores.topk(n, dim=1, largest=False).indices  # (B, n): n random masked positions per row
-    return torch.zeros_like(mask).scatter_(1, idx, True)
+    n = max(int((draw(torch.rand, int(mask[0].sum()), generator, mask.device) < p).sum()), 1)  # row 0's (official)
+    scores = draw(torch.rand, mask.shape, generator, mask.device).masked_fill(~mask, 2.0)
+    return torch.zeros_like(mask).scatter_(1, scores.topk(n, dim=1, largest=False).indices, True)  # n per row
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Head sampler 1: DPM-Solver++ (Lu et al. 2022), as the official code calls it (singlestep, order 3, logSNR)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Head sampler 1: DPM-Solver++ (Lu et al. 2022), as the official code calls it (singlestep, order 3, logSNR) -----
 def interp(x, xp, yp):
     """Piecewise-linear through (xp, yp), xp increasing, extrapolated with the end segments (DPM-Solver's)."""
     i = torch.searchsorted(xp, x).clamp(1, len(xp) - 1) - 1
@@ -92,8 +89,7 @@ def interp(x, xp, yp):
 
 
 class NoiseScheduleVP:
-    """DPM-Solver's 'discrete' schedule from the head's training betas: log alpha_n = 1/2 sum log(1 - beta) at
-    t_n = (n+1)/N, piecewise linear in between; sigma = sqrt(1 - alpha^2), lambda = log alpha - log sigma."""
+    """DPM-Solver's 'discrete' schedule from the head's training betas, log alpha piecewise linear in t_n = (n+1)/N."""
 
     def __init__(self, betas):  # betas: float64 (T,)
         log_alpha = 0.5 * torch.log(1 - betas).cumsum(0)
@@ -127,75 +123,62 @@ def noise_schedule():
 def dpm_plan(steps):
     """The solver's intervals for `steps` evaluations: a list of (order, r1, r2, h, times {s, s1, s2, t}), each time
     a (t, alpha, sigma) of 0-d float32 tensors. K = steps//3 + 1 intervals uniform in lambda, orders 3,...,3 + tail."""
-    ns = noise_schedule()
-    K = steps // 3 + 1
+    ns, K = noise_schedule(), steps // 3 + 1
     orders = [3] * (K - 2) + [2, 1] if steps % 3 == 0 else [3] * (K - 1) + [steps % 3]
     outer = ns.time_steps(1.0, 1.0 / ns.total_N, K)  # t_T = 1 down to t_0 = 1/N
     point = lambda t: (t, ns.log_alpha(t).exp(), torch.sqrt(1 - torch.exp(2 * ns.log_alpha(t))))
     plan = []
     for s, t, order in zip(outer[:-1], outer[1:], orders):
-        lam_inner = ns.lam(ns.time_steps(s.item(), t.item(), order))  # r1, r2 from a lambda-uniform split
-        r1 = (lam_inner[1] - lam_inner[0]) / (lam_inner[-1] - lam_inner[0]) if order > 1 else None
-        r2 = (lam_inner[2] - lam_inner[0]) / (lam_inner[-1] - lam_inner[0]) if order > 2 else None
+        lam = ns.lam(ns.time_steps(s.item(), t.item(), order))  # r1, r2 (order 2, 3) from a lambda-uniform split
+        r = [(lam[i] - lam[0]) / (lam[-1] - lam[0]) for i in range(1, order)]
         lam_s, h = ns.lam(s), ns.lam(t) - ns.lam(s)
-        times = dict(s=point(s), t=point(t))
-        for name, r in (("s1", r1), ("s2", r2)):
-            if r is not None:
-                times[name] = point(ns.inverse_lambda(lam_s + r * h))
-        plan.append((order, r1, r2, h, times))
+        inner = {f"s{i + 1}": point(ns.inverse_lambda(lam_s + ri * h)) for i, ri in enumerate(r)}
+        plan.append((order, *(r + [None, None])[:2], h, dict(s=point(s), t=point(t), **inner)))
     return plan
 
 
 @torch.no_grad()
-def dpm_solver_sample(net, noise, cond, uncond=None, cfg=1.0, steps=8):
-    """DPM-Solver++ from t = 1 to 1/996 in `steps` net evaluations. net(x (N, C), t (N,), c (N, D)) -> (N, >= C)
-    whose first C channels predict eps; noise (N, C) ~ N(0, I); cond, uncond (N, D). Deterministic given the noise
-    (the official path ignores the temperature). Returns x0 (N, C)."""
-    C, inv_N = noise.shape[1], 1.0 / noise_schedule().total_N
-    guided = uncond is not None and cfg != 1.0
+def dpm_solver_sample(net, noise, cond, uncond=None, cfg=1.0, steps=8, temperature=None, generator=None):
+    """DPM-Solver++ from t = 1 to 1/996 in `steps` calls of net(x (N, C), t (N,), c (N, D)) -> (N, >= C), eps first.
+    noise (N, C), cond, uncond (N, D) -> x0 (N, C). (!) Deterministic: the official path ignores the temperature."""
+    C, inv_N, guided = noise.shape[1], 1.0 / noise_schedule().total_N, uncond is not None and cfg != 1.0
     c_in = torch.cat([uncond, cond]) if guided else cond  # one batched call on [x; x]
 
     def data_pred(x, point):  # x0 = (x - sigma eps) / alpha with eps = eps_u + cfg (eps_c - eps_u)
         t, alpha, sigma = point
         t_in = ((t - inv_N) * 1000).to(x.device).expand(len(c_in))  # (!) official time input: not the index t*N - 1
         eps = net(torch.cat([x, x]) if guided else x, t_in, c_in)[:, :C]
-        if guided:
-            eps_u, eps_c = eps.chunk(2)
-            eps = eps_u + cfg * (eps_c - eps_u)
+        if guided:  # [uncond; cond] rows, DPM-Solver's order
+            eps = eps[:len(x)] + cfg * (eps[len(x):] - eps[:len(x)])
         return (x - sigma * eps) / alpha
 
     x = noise
     for order, r1, r2, h, p in dpm_plan(steps):
         (_, _, sig_s), (_, a_t, sig_t) = p["s"], p["t"]
-        phi_1 = torch.expm1(-h)
-        m_s = data_pred(x, p["s"])
-        if order == 1:  # DPM-Solver++1 (= DDIM)
-            x = sig_t / sig_s * x - a_t * phi_1 * m_s
-            continue
-        _, a_s1, sig_s1 = p["s1"]
-        m_s1 = data_pred(sig_s1 / sig_s * x - a_s1 * torch.expm1(-r1 * h) * m_s, p["s1"])
+        phi_1, m_s = torch.expm1(-h), data_pred(x, p["s"])
+        x_t = sig_t / sig_s * x - a_t * phi_1 * m_s  # DPM-Solver++1 (= DDIM); orders 2 and 3 add a correction
+        if order > 1:
+            _, a_s1, sig_s1 = p["s1"]
+            m_s1 = data_pred(sig_s1 / sig_s * x - a_s1 * torch.expm1(-r1 * h) * m_s, p["s1"])
         if order == 2:  # DPM-Solver++(2S), Lu et al. 2022b Alg. 1
-            x = sig_t / sig_s * x - a_t * phi_1 * m_s - (0.5 / r1) * (a_t * phi_1) * (m_s1 - m_s)
-            continue
-        _, a_s2, sig_s2 = p["s2"]
-        phi_12 = torch.expm1(-r2 * h)
-        x_s2 = (sig_s2 / sig_s * x - a_s2 * phi_12 * m_s
-                + r2 / r1 * (a_s2 * (phi_12 / (r2 * h) + 1)) * (m_s1 - m_s))
-        m_s2 = data_pred(x_s2, p["s2"])  # order 3: the singlestep 3S update of DPM-Solver's code
-        x = sig_t / sig_s * x - a_t * phi_1 * m_s + (1.0 / r2) * (a_t * (phi_1 / h + 1)) * (m_s2 - m_s)
+            x_t = x_t - (0.5 / r1) * (a_t * phi_1) * (m_s1 - m_s)
+        if order == 3:  # the singlestep 3S update of DPM-Solver's code
+            _, a_s2, sig_s2 = p["s2"]
+            phi_12 = torch.expm1(-r2 * h)
+            x_s2 = (sig_s2 / sig_s * x - a_s2 * phi_12 * m_s
+                    + r2 / r1 * (a_s2 * (phi_12 / (r2 * h) + 1)) * (m_s1 - m_s))
+            x_t = x_t + (1.0 / r2) * (a_t * (phi_1 / h + 1)) * (data_pred(x_s2, p["s2"]) - m_s)
+        x = x_t
     return x
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Head sampler 2: MAR's DDPM with learned variance over respaced steps (the official online evaluation)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Head sampler 2: MAR's DDPM with learned variance over respaced steps (the official online evaluation) ----------
 @lru_cache(maxsize=None)
 def ddpm_tables(steps):
     """IDDPM respacing of the 1000-step cosine schedule to `steps` steps (space_timesteps(1000, str(steps))): the
     original step of each respaced one, and the float32 tables p(x_{t-1} | x_t) needs, computed in float64."""
     ac_full = emigm.GaussianDiffusion().alphas_cumprod  # float64 (1000,)
-    stride = (len(ac_full) - 1) / (steps - 1)
-    use = torch.tensor([round(i * stride) for i in range(steps)])
+    use = torch.tensor([round(i * ((len(ac_full) - 1) / (steps - 1))) for i in range(steps)])  # IDDPM's stride
     ac = ac_full[use]
     ac_prev = torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
     betas = 1 - ac / ac_prev
@@ -224,39 +207,30 @@ def ddpm_sample(net, noise, cond, uncond=None, cfg=1.0, steps=100, temperature=1
         x0 = tab["recip"][i] * x - tab["recipm1"][i] * eps
         x = tab["coef1"][i] * x0 + tab["coef2"][i] * x  # the posterior mean
         if i > 0:
-            z = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
-            x = x + torch.exp(0.5 * logvar) * z.to(x.device) * temperature
+            x = x + torch.exp(0.5 * logvar) * draw(torch.randn, x.shape, generator, x.device) * temperature
     return x
 
 
 HEAD_SAMPLERS = {"dpm-solver": dpm_solver_sample, "ddpm": ddpm_sample}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The mask-prediction loop (Sec. 3, Fig. 2)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- The mask-prediction loop (Sec. 3, Fig. 2) ----------------------------------------------------------------------
 @torch.no_grad()
 def predict_revealed(model, tokens, mask, reveal, class_emb, cfg=1.0, guided=False, head_sampler="dpm-solver",
                      head_steps=8, temperature=1.0, generator=None, noise=None):
-    """One step: a transformer pass on the masked input (on [cond; uncond] rows when `guided`), then the head samples
-    the tokens of `reveal` only. tokens (B, L, C), mask/reveal (B, L) bool, class_emb (B, D). noise (n, C): the head's
-    initial noise (drawn from `generator` if None). Returns the new tokens (B, L, C)."""
-    B, C = tokens.shape[0], tokens.shape[2]
-    x, m, c = tokens, mask, class_emb
+    """One step: the transformer on tokens (B, L, C) with mask (B, L) ([cond; uncond] rows when `guided`), then the head
+    samples the tokens of reveal (B, L) from noise (n, C) (None: drawn). class_emb (B, D). -> new tokens (B, L, C)."""
+    (B, _, C), (x, m, c) = tokens.shape, (tokens, mask, class_emb)
     if guided:  # CFG with mask (Fig. 2e): the same masked input with the fake class embedding
         x, m, c = torch.cat([x, x]), torch.cat([m, m]), torch.cat([c, model.fake_latent.expand(B, -1).to(c.dtype)])
     with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):  # the transformer in bf16 on GPUs, the head fp32
         z = model.forward_decoder(model.forward_encoder(x, m, c), m)  # (B or 2B, L, D)
-    z_cond = z[:B][reveal]  # (n, D), row-major like the official z[mask_to_pred]
-    z_uncond = z[B:][reveal] if guided else None
-    if noise is None:
-        noise = torch.randn(len(z_cond), C, generator=generator, device=generator.device if generator else z.device)
-    kw = dict(temperature=temperature, generator=generator) if head_sampler == "ddpm" else {}
-    head = HEAD_SAMPLERS[head_sampler](model.diffloss.net, noise.to(z.device), z_cond.float(), None if z_uncond is None
-                                       else z_uncond.float(), cfg, head_steps, **kw)  # (n, C); the head in fp32
-    tokens = tokens.clone()
-    tokens[reveal] = head.to(tokens.dtype)
-    return tokens
+    z_cond = z[:B][reveal].float()  # (n, D), row-major like the official z[mask_to_pred]; the head in fp32
+    z_uncond = z[B:][reveal].float() if guided else None
+    noise = draw(torch.randn, (len(z_cond), C), generator, z.device) if noise is None else noise.to(z.device)
+    head = HEAD_SAMPLERS[head_sampler](model.diffloss.net, noise, z_cond, z_uncond, cfg, head_steps, temperature,
+                                       generator)  # (n, C)
+    return tokens.masked_scatter(reveal[..., None], head.to(tokens.dtype))  # tokens[reveal] = head, out of place
 
 
 @torch.no_grad()
@@ -264,56 +238,41 @@ def sample_tokens(model, labels, num_iter=16, cfg=4.0, cfg_schedule="constant", 
                   head_sampler="dpm-solver", head_steps=8, temperature=1.0, generator=None):
     """labels (B,) int64 -> tokens (B, L, C). K = num_iter steps; CFG (scale cfg, schedule cfg_schedule) only on the
     steps whose next time lies in cfg_interval = (t_min, t_max]; `generator` drives all randomness (its device)."""
-    if cfg_schedule not in CFG_SCHEDULES or head_sampler not in HEAD_SAMPLERS:
-        raise ValueError(f"cfg_schedule must be one of {list(CFG_SCHEDULES)} and head_sampler one of "
-                         f"{list(HEAD_SAMPLERS)}; got {cfg_schedule!r}, {head_sampler!r}")
-    B, L, C, dev = len(labels), model.seq_len, model.token_channels, labels.device
-    p, guided_steps = reveal_schedule(num_iter, model.mask_schedule)[1], cfg_steps(num_iter, cfg, cfg_interval).tolist()
-    tokens = torch.zeros(B, L, C, device=dev)
-    mask = torch.ones(B, L, dtype=torch.bool, device=dev)  # True = still masked
+    B, L, C, dev, f = len(labels), model.seq_len, model.token_channels, labels.device, CFG_SCHEDULES[cfg_schedule]
+    p, guided = reveal_schedule(num_iter, model.mask_schedule)[1], cfg_steps(num_iter, cfg, cfg_interval).tolist()
+    tokens, mask = torch.zeros(B, L, C, device=dev), torch.ones(B, L, dtype=torch.bool, device=dev)  # True: masked
     class_emb = model.class_emb(labels)  # (B, D)
     for k in range(num_iter):
         if not mask[0].any():  # everything was revealed early (possible, rare): nothing left to do
             break
-        reveal = choose_reveal(mask, p[k].item(), generator)  # (B, L)
+        reveal = choose_reveal(mask, p[k].item(), generator)  # (B, L); f of u = the share revealed after this step
+        scale = cfg if f is None else 1 + (cfg - 1) * f(1 - (mask[0].sum().item() - reveal[0].sum().item()) / L)
+        tokens = predict_revealed(model, tokens, mask, reveal, class_emb, scale, guided[k], head_sampler, head_steps,
+                                  temperature, generator)
         mask = mask & ~reveal
-        f, scale = CFG_SCHEDULES[cfg_schedule], 1.0
-        if guided_steps[k]:
-            scale = cfg if f is None else 1 + (cfg - 1) * f(1 - mask[0].sum().item() / L)  # u: revealed share after
-        tokens = predict_revealed(model, tokens, mask | reveal, reveal, class_emb, scale, guided_steps[k],
-                                  head_sampler, head_steps, temperature, generator)
     return tokens
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line: a grid for eyes, an ADM-style .npz for FID (the same bytes on any number of processes), a benchmark
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Command line: a grid for eyes, an ADM-style .npz for FID (same bytes on any number of processes), a benchmark
 def load_model(args, device):
-    """Our checkpoints rebuild from their 'config'; official ones (no config) from --size/--img-size."""
-    try:
-        ckpt = emigm.load_checkpoint(args.ckpt)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:  # not a (safe) torch file
-        raise ValueError(f"{args.ckpt} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{args.ckpt} is not an eMIGM checkpoint (expected a dict with 'model')")
-    if not (ckpt.get("config") or args.size):
+    """-> (model in eval mode, training flags): ours rebuild from their 'config', official ones from --size."""
+    ckpt = emigm.load_checkpoint(args.ckpt)  # one-line errors for missing, unreadable and non-eMIGM files
+    if not (ckpt.get("config") or args.size):  # official checkpoints: the paper's architecture, named by --size
         raise ValueError(f"{args.ckpt} has no 'config' (an official checkpoint?): pass --size and --img-size")
     model = (emigm.EMIGM(**ckpt["config"]) if ckpt.get("config")
-             else emigm.EMIGM_models[args.size](img_size=args.img_size))  # official: the paper's architecture
+             else emigm.EMIGM_models[args.size](img_size=args.img_size))
     emigm.load_weights(model, ckpt, ema=not args.no_ema)
-    extra = ckpt.get("args") or {}
+    extra = ckpt.get("args") or {}  # official: an argparse.Namespace
     return model.to(device).eval(), vars(extra) if isinstance(extra, argparse.Namespace) else extra
 
 
 def settings(args, model):
-    """Sampler settings: the command line's, the rest from the paper preset for (size, img_size, K); the size is
-    --size or the preset with the checkpoint's architecture."""
+    """The sampler's kwargs: the flags given, the rest from the preset of (--size or the checkpoint's arch, K)."""
     arch = lambda c: [c[k] for k in ("width", "depth", "num_heads", "head_depth", "head_width", "token_channels")]
-    sizes = {(name, img): dict(s, head_depth=d, head_width=w, **emigm.TOKENS[img])
-             for name, s in emigm.SIZES.items() for img, (d, w) in s["head"].items()}
-    sizes["Tiny", 28] = emigm.TINY
-    size = next((key for key, c in sizes.items() if arch(c) == arch(model.config)), "unknown")
-    size = (args.size, 28 if args.size == "Tiny" else args.img_size) if args.size else size
+    sizes = {("Tiny", 28): emigm.TINY, **{(name, img): dict(s, head_depth=d, head_width=w, **emigm.TOKENS[img])
+                                          for name, s in emigm.SIZES.items() for img, (d, w) in s["head"].items()}}
+    size = ((args.size, 28 if args.size == "Tiny" else args.img_size) if args.size else
+            next((key for key, c in sizes.items() if arch(c) == arch(model.config)), "unknown"))
     head_steps = args.head_steps or (100 if args.head_sampler == "ddpm" else None)  # MAR's 100 DDPM steps
     preset, given = PRESETS.get(size, {}).get(args.nfe), (head_steps, args.cfg, args.cfg_schedule, args.cfg_interval)
     if preset is None and None in given:
@@ -326,44 +285,57 @@ def settings(args, model):
 
 
 def generate(model, tok, labels, kw, seed, device):
-    """uint8 (B, H, W, 3) images of one batch, all randomness from a generator seeded with `seed` alone. Rounded as
-    MAR; grey images repeated to 3 channels (ADM's format)."""
+    """uint8 (B, H, W, 3) images (MAR's rounding, grey repeated as ADM wants), all randomness from `seed` alone."""
     tokens = sample_tokens(model, labels.to(device), generator=torch.Generator(device).manual_seed(seed), **kw)
     with torch.no_grad():
         x = ((tok.decode(tokens).float() + 1) / 2 * 255).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
     return x.expand(-1, -1, -1, 3).cpu().numpy() if x.shape[-1] == 1 else x.cpu().numpy()
 
 
-def bulk(model, tok, kw, args, rank, world, device, inception=None):
-    """N images, exactly N / num_classes per class (image i has class i % num_classes). Global batch j is seeded from
-    (seed, j) and saved to its own file; batches are dealt round-robin to the ranks, so the bytes do not depend on the
-    number of processes, and a restart skips finished batches. Rank 0 writes samples.npz (arr_0 images, arr_1
-    labels)."""
+def grid(model, tok, kw, args, device):
+    """One row per class, --per-class images in each, saved as a PNG; batch j seeded from (seed, j) as in bulk."""
+    from PIL import Image
+    classes = args.classes or (list(range(model.num_classes)) if model.num_classes <= 16 else
+                               [207, 360, 387, 974, 88, 979, 417, 279])  # DiT's sample classes
+    labels, start = torch.tensor(classes).repeat_interleave(args.per_class), time.perf_counter()
+    images = np.concatenate([generate(model, tok, rows, kw, (args.seed << 32) + j, device)
+                             for j, rows in enumerate(labels.split(args.batch_size))])
+    rows = images.reshape(len(classes), args.per_class, *images.shape[1:]).swapaxes(1, 2)  # (rows, H, per_class, W, 3)
+    Image.fromarray(rows.reshape(rows.shape[0] * rows.shape[1], -1, 3)).save(args.grid)
+    print(f"wrote {args.grid}; {(time.perf_counter() - start) / len(labels):.3f} s/image (first batch included)")
+
+
+def bulk(model, tok, kw, args, rank, world, device):
+    """OUT/samples.npz: arr_0 N images, arr_1 labels i % num_classes. Global batch j, seeded from (seed, j), goes to
+    rank j % world and to its own file: the bytes do not depend on the number of processes; restarts skip done files."""
     from tqdm import tqdm
-    n, nc, out = args.num_images, model.num_classes, Path(args.out)
+    n, nc, parts = args.num_images, model.num_classes, Path(args.out) / "batches"
     if n % nc:
         raise ValueError(f"--num-images {n} is not a multiple of the {nc} classes")
-    labels, batches = torch.arange(n) % nc, range(math.ceil(n / args.batch_size))
-    path = lambda j: out / "batches" / f"{j:06d}.npy"
-    path(0).parent.mkdir(parents=True, exist_ok=True)
-    times = []
-    for j in tqdm(batches[rank::world], disable=rank != 0, desc="sampling"):
+    inception = None
+    if args.fid_ref and args.fid_ref != "fashion-mnist" and rank == 0:  # fail now, not after sampling 50k images
+        if not os.path.exists(args.fid_ref):
+            raise FileNotFoundError(f"--fid-ref {args.fid_ref} does not exist")
+        inception = __import__("fid").load_inception(args.inception, device)
+    labels = torch.arange(n) % nc
+    batches, path = labels.split(args.batch_size), lambda j: parts / f"{j:06d}.npy"
+    parts.mkdir(parents=True, exist_ok=True)
+    times = []  # (seconds, images) of each batch sampled here
+    for j in tqdm(range(rank, len(batches), world), disable=rank != 0, desc="sampling"):
         if not path(j).exists():
-            rows = labels[j * args.batch_size:(j + 1) * args.batch_size]
-            times.append((timed(lambda: np.save(path(j).with_suffix(".tmp.npy"), generate(
-                model, tok, rows, kw, (args.seed << 32) + j, device)))[0], len(rows)))
-            os.replace(path(j).with_suffix(".tmp.npy"), path(j))  # complete files only
-    if rank == 0 and len(times) > 1:
-        secs, imgs = np.sum(times[1:], axis=0)
-        print(f"{secs / imgs:.3f} s/image on rank 0 after a warm-up batch")
+            start = time.perf_counter()
+            np.save(parts / f"tmp{rank}.npy", generate(model, tok, batches[j], kw, (args.seed << 32) + j, device))
+            os.replace(parts / f"tmp{rank}.npy", path(j))  # complete files only
+            times.append((time.perf_counter() - start, len(batches[j])))
+    if rank == 0 and len(times) > 1:  # seconds / images, after the warm-up batch
+        print(f"{np.divide(*np.sum(times[1:], axis=0)):.3f} s/image on rank 0 after a warm-up batch")
     if world > 1:
         dist.barrier()
     if rank == 0:
-        arr = np.concatenate([np.load(path(j)) for j in batches])
-        np.savez(out / "samples.npz", arr_0=arr, arr_1=labels.numpy())
-        [path(j).unlink() for j in batches]
-        path(0).parent.rmdir()
-        print(f"wrote {out / 'samples.npz'}: {arr.shape} uint8, {n // nc} per class")
+        arr = np.concatenate([np.load(path(j)) for j in range(len(batches))])
+        np.savez(parts.parent / "samples.npz", arr_0=arr, arr_1=labels.numpy())
+        shutil.rmtree(parts)
+        print(f"wrote {parts.parent / 'samples.npz'}: {arr.shape} uint8, {n // nc} per class")
         if args.fid_ref == "fashion-mnist":  # our offline metric for 28x28 data, not comparable with Inception FID
             import fid, tokenizer
             cache = Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"  # train.py's default
@@ -373,64 +345,71 @@ def bulk(model, tok, kw, args, rank, world, device, inception=None):
             print(__import__("fid").compute_metrics(arr, args.fid_ref, model=inception))
 
 
-def grid(model, tok, kw, args, device):
-    """One row per class, --per-class images in each, saved as a PNG."""
-    from PIL import Image
-    classes = args.classes or (list(range(model.num_classes)) if model.num_classes <= 16 else
-                               [207, 360, 387, 974, 88, 979, 417, 279])  # DiT's sample classes
-    labels = torch.tensor(classes).repeat_interleave(args.per_class)
-    dt, images = timed(lambda: np.concatenate([generate(model, tok, labels[i:i + args.batch_size], kw,
-                                                        (args.seed << 32) + i, device)
-                                               for i in range(0, len(labels), args.batch_size)]))
-    h, w = images.shape[1:3]
-    rows = images.reshape(len(classes), args.per_class, h, w, 3).transpose(0, 2, 1, 3, 4)
-    Image.fromarray(rows.reshape(len(classes) * h, args.per_class * w, 3)).save(args.grid)
-    print(f"wrote {args.grid}; {dt / len(labels):.3f} s/image (first batch included)")
-
-
 def bench(args):
-    """Random-weight XS at 256px: s/image at K=16 (x1.2) and K=128 (x1.4) per batch size, and the share of the fp32
-    matmul peak measured in this process (FLOPs counted by hooks on every Linear and attention); then the linear-in-K
-    and CFG-interval checks at the first batch size. Shares and ratios use CPU time (time.process_time), which other
-    jobs on a shared machine disturb far less than wall time; wall time is printed too."""
+    """Random-weight XS at 256px: s/image at K=16 and 128 per batch size and the share of the fp32 matmul peak, then
+    the CFG-interval and linear-in-K checks, in CPU time (other jobs on a shared machine disturb it less than wall)."""
     torch.manual_seed(0)
-    model, flops, a = emigm.EMIGM_models["XS"]().eval(), [], torch.randn(2048, 2048)
+    model, flops, xs = emigm.EMIGM_models["XS"]().eval(), [], PRESETS["XS", 256]
     for m in model.modules():  # forward hooks: cheap, and they count exactly what runs
         if isinstance(m, torch.nn.Linear):
             m.register_forward_hook(lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
         elif isinstance(m, emigm.Attention):  # q k^T and attn v
             m.register_forward_hook(lambda m, i, o: flops.append(4 * o.shape[0] * o.shape[1] ** 2 * o.shape[2]))
-    peak = max(2 * 2048 ** 3 / timed(lambda: a @ a, time.process_time)[0] for _ in range(5))  # per CPU-second
+    a, peak = torch.randn(2048, 2048), 0.0
+    for _ in range(5):
+        cpu = time.process_time()
+        a @ a
+        peak = max(peak, 2 * 2048 ** 3 / (time.process_time() - cpu))  # FLOP per CPU-second
     print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP per CPU-second ({torch.get_num_threads()} threads)")
-
-    def run(k, batch, interval):
+    def run(k, batch, interval):  # -> (CPU seconds, FLOPs)
         flops.clear()
         cpu, wall = time.process_time(), time.perf_counter()
         sample_tokens(model, torch.arange(batch), k, 4.0, "constant", interval, "dpm-solver",
-                      PRESETS["XS", 256][16 if k <= 16 else 128][0], generator=torch.Generator().manual_seed(0))
+                      xs[16 if k <= 16 else 128][0], generator=torch.Generator().manual_seed(0))
         cpu, wall, fl = time.process_time() - cpu, time.perf_counter() - wall, sum(flops)
         print(f"K={k:3d} NFE = {k} x {nfe(k, 4.0, interval)[1]:.4f} (interval {interval}), batch {batch:2d}: "
               f"{wall / batch:.3f} s/image wall, {cpu / batch:.3f} CPU-s/image, {fl / 1e12:.3f} TFLOP, "
               f"{fl / cpu / peak:.0%} of the matmul peak", flush=True)
         return cpu, fl
-
     run(2, 1, (0.1, 0.3))  # warm-up
-    res = {(k, b): run(k, b, PRESETS["XS", 256][k][3]) for k in args.bench_k for b in args.bench_batches}
-    b, (t16, f16) = args.bench_batches[0], res.get((16, args.bench_batches[0]), (None, None))
-    if (128, b) in res and t16:
-        pred = 128 * nfe(128, 4.0, PRESETS["XS", 256][128][3])[1] / (16 * nfe(16, 4.0, (0.1, 0.3))[1])
-        print(f"linear in K (batch {b}): CPU time K=128 / K=16 = {res[128, b][0] / t16:.2f}; NFE predicts "
-              f"{pred:.2f}, FLOPs {res[128, b][1] / f16:.2f}")
-    if t16:
-        t_all, f_all = run(16, b, (0.0, 1.0))
-        print(f"CFG interval (K=16, batch {b}): CPU time (0.1, 0.3] / CFG on every step = {t16 / t_all:.3f}; "
-              f"NFE predicts {nfe(16, 4.0, (0.1, 0.3))[1] / 2:.3f}, FLOPs {f16 / f_all:.3f}")
+    res, b = {(k, b): run(k, b, xs[k][3]) for k in args.bench_k for b in args.bench_batches}, args.bench_batches[0]
+    if (16, b) in res:  # both checks against K=16 at the first batch size
+        (t16, f16), (t_all, f_all), f16_nfe = res[16, b], run(16, b, (0.0, 1.0)), nfe(16, 4.0, xs[16][3])[1]
+        print(f"CFG interval (K=16, batch {b}): CPU time {xs[16][3]} / CFG on every step = {t16 / t_all:.3f}; "
+              f"NFE predicts {f16_nfe / 2:.3f}, FLOPs {f16 / f_all:.3f}")
+        if (128, b) in res:
+            print(f"linear in K (batch {b}): CPU time K=128 / K=16 = {res[128, b][0] / t16:.2f}; NFE predicts "
+                  f"{128 * nfe(128, 4.0, xs[128][3])[1] / (16 * f16_nfe):.2f}, FLOPs {res[128, b][1] / f16:.2f}")
 
 
-def timed(fn, clock=time.perf_counter):
-    start = clock()
-    out = fn()
-    return clock() - start, out
+def run(args):
+    import tokenizer
+    if not args.ckpt or (args.num_images is None) != (args.out is None):
+        raise ValueError("pass --ckpt, and --num-images with --out for bulk mode (or --bench)")
+    distributed, cuda = "RANK" in os.environ, torch.cuda.is_available()  # torchrun sets RANK
+    if distributed:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")  # the local, not global, rank
+    if cuda:
+        torch.cuda.set_device(device)
+    model, ckpt_args = load_model(args, device)
+    kw = settings(args, model)
+    kind = args.tokenizer or ("pixel" if model.seq_len != 256 else "dcae" if model.token_channels == 32 else "kl16")
+    tok = (tokenizer.load_tokenizer(kind, patch=28 // math.isqrt(model.seq_len)) if kind == "pixel"  # 28x28 images
+           else tokenizer.load_tokenizer(kind, args.vae or ckpt_args.get("vae"))).to(device).eval()
+    if tok.channels != model.token_channels:
+        raise ValueError(f"tokenizer {kind!r} gives {tok.channels} channels, the model takes {model.token_channels}")
+    if rank == 0:
+        k, f = nfe(kw["num_iter"], kw["cfg"], kw["cfg_interval"])
+        print(f"NFE = {k} x {f:.4f} (~{k} x {f:.1f}); {kw}")
+    bulk(model, tok, kw, args, rank, world, device) if args.out else grid(model, tok, kw, args, device)
+    if rank == 0:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else rss
+        print(f"peak memory {mem:.2f} GiB ({'allocated on the GPU' if cuda else 'max RSS'})")
+    if distributed:
+        dist.destroy_process_group()
 
 
 def main(argv=None):
@@ -465,41 +444,6 @@ def main(argv=None):
         bench(args) if args.bench else run(args)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise SystemExit(f"error: {' '.join(str(e.args[0] if e.args else e).split())}") from None
-
-
-def run(args):
-    import tokenizer
-    if not args.ckpt or (args.num_images is None) != (args.out is None):
-        raise ValueError("pass --ckpt, and --num-images with --out for bulk mode (or --bench)")
-    distributed, cuda = "RANK" in os.environ, torch.cuda.is_available()  # torchrun sets RANK
-    if distributed:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")  # the local, not global, rank
-    if cuda:
-        torch.cuda.set_device(device)
-    inception = None
-    if args.fid_ref and args.fid_ref != "fashion-mnist" and rank == 0:  # fail now, not after sampling 50k images
-        if not os.path.exists(args.fid_ref):
-            raise FileNotFoundError(f"--fid-ref {args.fid_ref} does not exist")
-        inception = __import__("fid").load_inception(args.inception, device)
-    model, ckpt_args = load_model(args, device)
-    kw = settings(args, model)
-    kind = args.tokenizer or ("pixel" if model.seq_len != 256 else "dcae" if model.token_channels == 32 else "kl16")
-    tok = (tokenizer.load_tokenizer(kind, patch=28 // math.isqrt(model.seq_len)) if kind == "pixel"  # 28x28 images
-           else tokenizer.load_tokenizer(kind, args.vae or ckpt_args.get("vae"))).to(device).eval()
-    if tok.channels != model.token_channels:
-        raise ValueError(f"tokenizer {kind!r} gives {tok.channels} channels, the model takes {model.token_channels}")
-    if rank == 0:
-        k, f = nfe(kw["num_iter"], kw["cfg"], kw["cfg_interval"])
-        print(f"NFE = {k} x {f:.4f} (~{k} x {f:.1f}); {kw}")
-    bulk(model, tok, kw, args, rank, world, device, inception) if args.out else grid(model, tok, kw, args, device)
-    if rank == 0:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-        mem = torch.cuda.max_memory_allocated(device) if cuda else rss
-        print(f"peak memory {mem / 2 ** 30:.2f} GiB ({'allocated on the GPU' if cuda else 'max RSS'})")
-    if distributed:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
