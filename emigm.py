@@ -386,9 +386,10 @@ SIZES = {  # encoder = decoder (width, depth, heads); head (depth, width) at 256
     "L": dict(width=1024, depth=16, num_heads=16, head={256: (8, 1280), 512: (8, 1280)}),
     "H": dict(width=1280, depth=20, num_heads=16, head={256: (12, 1536)}),
 }
-# Tiny: for 28x28 Fashion-MNIST in 4x4 pixel patches (49 tokens of 16 values) on a CPU; not a paper model.
-TINY = dict(seq_len=49, token_channels=16, width=192, depth=3, num_heads=4, head_depth=2, head_width=256,
-            num_classes=10, buffer_size=4, diffusion_batch_mul=1)
+# Tiny: the Fashion-MNIST CPU demo's model (train.py --demo): 28x28 images in 7x7 pixel patches, 16 tokens of 49
+# values; head 3x256 on 4 copies of each masked token, no dropout. Not a paper model.
+TINY = dict(seq_len=16, token_channels=49, width=192, depth=3, num_heads=4, head_depth=3, head_width=256,
+            num_classes=10, buffer_size=4, diffusion_batch_mul=4, attn_dropout=0.0, proj_dropout=0.0)
 
 
 def create_emigm(size, img_size=256, **overrides):

@@ -32,6 +32,8 @@ import emigm
 
 SAMPLER_EPS = 1e-5  # the sampler's last time (training uses emigm.TRAIN_T_EPS)
 LAMBDA_CLIP = -5.1  # DPM-Solver drops the trailing steps with logSNR/2 below this (4 of cosine-1000's)
+GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # ImageNet classes of the grids (DiT's sample.py)
+METRIC_CACHE = Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"  # fid.SmallDataMetric's trained classifier
 
 # Paper presets (Table 2, the official eval scripts): K -> (head steps, cfg, cfg schedule, CFG interval (t_min, t_max]).
 _P16, _P128 = (8, 4.0, "constant", (0.1, 0.3)), (14, 4.0, "constant", (0.18, 0.6))
@@ -40,7 +42,7 @@ PRESETS = {("XS", 256): {16: _P16, 128: _P128}, ("S", 256): {16: _P16, 128: _P12
            ("H", 256): {16: (8, 4.0, "constant", (0.2, 0.4)), 128: (14, 4.0, "constant", (0.3, 0.7))},
            **{(size, 512): {16: (8, 4.0, "constant", (0.15, 0.35)), 64: (14, 4.0, "constant", (0.25, 0.5))}
               for size in ("XS", "S", "B", "L")},  # 512px: the eval scripts' intervals; 14 head steps at K=64 are ours
-           ("Tiny", 28): {16: _P16}}  # ours, untuned: XS's settings
+           ("Tiny", 28): {16: (8, 3.0, "constant", (0.0, 1.0))}}  # the CPU demo's (train.py --demo)
 # cfg schedules: the scale is 1 + (cfg - 1) f(u), u = share of tokens revealed after the step (official options)
 CFG_SCHEDULES = {"constant": None, "linear": lambda u: u, "power": lambda u: u ** 2, "cubic": lambda u: u ** 3,
                  "exp": lambda u: 1 - math.exp(-5 * u), "cosine": lambda u: math.cos(math.pi / 2 * (1 - u))}
@@ -295,8 +297,7 @@ def generate(model, tok, labels, kw, seed, device):
 def grid(model, tok, kw, args, device):
     """One row per class, --per-class images in each, saved as a PNG; batch j seeded from (seed, j) as in bulk."""
     from PIL import Image
-    classes = args.classes or (list(range(model.num_classes)) if model.num_classes <= 16 else
-                               [207, 360, 387, 974, 88, 979, 417, 279])  # DiT's sample classes
+    classes = args.classes or (list(range(model.num_classes)) if model.num_classes <= 16 else GRID_CLASSES)
     labels, start = torch.tensor(classes).repeat_interleave(args.per_class), time.perf_counter()
     images = np.concatenate([generate(model, tok, rows, kw, (args.seed << 32) + j, device)
                              for j, rows in enumerate(labels.split(args.batch_size))])
@@ -338,8 +339,7 @@ def bulk(model, tok, kw, args, rank, world, device):
         print(f"wrote {parts.parent / 'samples.npz'}: {arr.shape} uint8, {n // nc} per class")
         if args.fid_ref == "fashion-mnist":  # our offline metric for 28x28 data, not comparable with Inception FID
             import fid, tokenizer
-            cache = Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"  # train.py's default
-            metric = fid.SmallDataMetric(*tokenizer.load_fashion_mnist("train"), str(cache))
+            metric = fid.SmallDataMetric(*tokenizer.load_fashion_mnist("train"), str(METRIC_CACHE))
             print(fid.SmallDataMetric.label, metric.evaluate(arr[..., 0], labels.numpy()))
         elif args.fid_ref:
             print(__import__("fid").compute_metrics(arr, args.fid_ref, model=inception))

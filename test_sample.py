@@ -174,7 +174,8 @@ def test_reveal_counts_follow_the_schedule():
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return emigm.EMIGM_models["Tiny"](width=32, depth=1, num_heads=2, head_depth=1, head_width=32).eval()
+    return emigm.EMIGM_models["Tiny"](seq_len=49, token_channels=16, width=32, depth=1, num_heads=2, head_depth=1,
+                                      head_width=32).eval()
 
 
 @pytest.mark.parametrize("cfg,interval", [(1.0, (0.0, 1.0)), (3.0, (0.1, 0.3)), (3.0, (0.0, 1.0))])
@@ -221,7 +222,8 @@ def test_bulk_npz_identical_for_1_and_2_processes(tiny, tmp_path):
 
 def test_cli_errors_are_one_line(tiny, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    wide = emigm.EMIGM_models["Tiny"](width=48, depth=1, num_heads=2, head_depth=1, head_width=32)
+    wide = emigm.EMIGM_models["Tiny"](seq_len=49, token_channels=16, width=48, depth=1, num_heads=2, head_depth=1,
+                                      head_width=32)
     save_tiny(tiny, tmp_path / "bad_size.pt", ema=wide.state_dict())
     save_tiny(tiny, tmp_path / "tiny.pt")
     for argv, needle in [(["--ckpt", str(tmp_path / "junk.pt")], "junk.pt"),
@@ -235,7 +237,8 @@ def test_cli_errors_are_one_line(tiny, tmp_path):
 
 
 def test_ema_by_default(tiny, tmp_path):
-    other = emigm.EMIGM_models["Tiny"](width=32, depth=1, num_heads=2, head_depth=1, head_width=32)
+    other = emigm.EMIGM_models["Tiny"](seq_len=49, token_channels=16, width=32, depth=1, num_heads=2, head_depth=1,
+                                       head_width=32)
     save_tiny(tiny, tmp_path / "t.pt", ema=other.state_dict())
     for no_ema, want in [(False, other), (True, tiny)]:
         args = Namespace(ckpt=str(tmp_path / "t.pt"), size=None, img_size=256, no_ema=no_ema)

@@ -17,7 +17,7 @@ import train
 HERE = Path(__file__).parent
 # A few-thousand-parameter eMIGM: 49 tokens of 16 channels (the Tiny preset's shape), width 32, 1+1 blocks.
 TINY = ["--size", "Tiny", "--dataset", "random", "--width", "32", "--depth", "1", "--num-heads", "2", "--head-depth",
-        "1", "--head-width", "32", "--buffer-size", "2", "--blr", "1e-2", "--warmup-epochs", "0.5", "--no-progress",
+        "1", "--head-width", "32", "--buffer-size", "2", "--blr", "1e-2", "--warmup-epochs", "0.5",
         "--log-every", "1"]
 
 
@@ -53,7 +53,7 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs between ranks"
     rows = (tmp_path / "log.csv").read_text().splitlines()
-    assert rows[0].startswith("step,epoch,loss,lr,grad_norm,peak_mem_gb,images_per_s") and len(rows) == 4
+    assert rows[0].startswith("step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb") and len(rows) == 4
     assert all(np.isfinite(float(r.split(",")[2])) for r in rows[1:])
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # both ranks' RNG states, for an exact resume
@@ -97,6 +97,12 @@ def test_resume_from_another_size_is_one_line(straight, tmp_path):
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "--width", "48", "--resume", str(straight[0] / "last.pt"))
     assert "width=32 (this run 48)" in one_line_error(e)
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--lr", "1e30", "--warmup-epochs", "0", "--max-steps", "5")  # step 1 sends the weights to inf
+    assert "non-finite loss nan" in one_line_error(e) and "at step 2:" in str(e.value.code)
 
 
 def test_missing_data_is_one_line(tmp_path):

@@ -33,13 +33,18 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import emigm
+import fid
+import sample
+import tokenizer
 
-# The Fashion-MNIST demo (issue 6, item 7): flags tuned to finish in <= 10 minutes on 2 CPU cores (see README).
-DEMO = dict(dataset="fashion-mnist", size="Tiny", global_batch_size=64, blr=4e-3, warmup_epochs=0.05, max_steps=2500,
-            lr_schedule="cosine", ema_decay=0.999, patch=4, log_every=100, ckpt_every=0, sample_every=0,
-            num_iter=16, cfg=3.0, cfg_interval=[0.0, 1.0], eval_samples=1000, results_dir="out/demo")
+# The Fashion-MNIST demo (issue 6, item 7), tuned to finish in <= 10 minutes on 2 CPU cores: 7x7 pixel patches
+# (16 tokens of 49 values: the transformer's cost falls 2.5x against 4x4 patches), no dropout, 4 head copies per
+# token (the head is the cheap part here), lr 1e-3 with a cosine decay, EMA 0.995, CFG 3 on every sampling step.
+DEMO = dict(dataset="fashion-mnist", size="Tiny", patch=7, head_depth=3, dropout=0.0, diffusion_batch_mul=4,
+            global_batch_size=64, blr=4e-3, warmup_epochs=0.05, lr_schedule="cosine", max_steps=1300, ema_decay=0.995,
+            sample_every=0, ckpt_every=0, num_iter=16, cfg=3.0, cfg_interval=[0.0, 1.0], results_dir="out/demo")
 BENCH_STEPS = 5
-GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # ImageNet classes shown in grids (those of DiT's sample.py)
+EVAL_BATCH = 250  # images per sampling batch in grids and evaluations
 
 
 def fail(msg):
@@ -83,7 +88,6 @@ def create_logger(results_dir, rank):
 # ----------------------------------------------------------------------------------------------------------------
 def build_data(args, device):
     """-> (dataset, to_tokens, tokenizer or None). to_tokens(x) gives (B, L, C) float tokens on device."""
-    import tokenizer
     if args.dataset == "random":  # benchmark and tests: Gaussian tokens, made once the model's shape is known
         return None, lambda x: x.to(device), None
     if args.dataset == "fashion-mnist":  # pixel tokens: no VAE
@@ -125,7 +129,7 @@ class ResumableSampler(DistributedSampler):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Optimisation: official parameter groups, lr schedule, EMA
+# Optimisation (official parameter groups, lr schedule, EMA) and checkpoints (plain dicts, rank 0, atomic)
 # ----------------------------------------------------------------------------------------------------------------
 def param_groups(model, weight_decay):
     """Official: no decay for 1-D params, biases and the whole diffusion head; pos-embeds, class_emb, fake_latent
@@ -138,7 +142,7 @@ def param_groups(model, weight_decay):
 
 def lr_at(step, steps_per_epoch, total_steps, args):
     """Linear warmup per iteration over warmup_epochs (official: lr x epoch_float / warmup), then constant (official)
-    or cosine to min_lr (MAR's option; the CPU demo uses it)."""
+    or a cosine decay to 0 (MAR's option; the CPU demo uses it)."""
     epoch = step / steps_per_epoch
     if epoch < args.warmup_epochs:
         return args.lr * epoch / args.warmup_epochs
@@ -146,7 +150,7 @@ def lr_at(step, steps_per_epoch, total_steps, args):
         return args.lr
     warm = args.warmup_epochs * steps_per_epoch
     progress = (step - warm) / max(total_steps - warm, 1)
-    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -156,9 +160,6 @@ def update_ema(ema_params, params, decay):
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: plain dicts, written atomically by rank 0, loadable with weights_only=True
-# ----------------------------------------------------------------------------------------------------------------
 def rng_states(world):
     """Every rank's torch RNG states (CPU and, on GPU, CUDA), so that a resume replays the same masks and noise."""
     state = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
@@ -185,6 +186,8 @@ def resume(path, model, ema, optimizer):
     if not os.path.isfile(path):
         fail(f"--resume {path}: no such checkpoint")
     ckpt = emigm.load_checkpoint(path)
+    if "config" not in ckpt or "rng" not in ckpt:
+        fail(f"--resume {path} is not a checkpoint of train.py (to start from other weights, load them yourself)")
     old = ckpt["config"]
     diff = [f"{k}={old.get(k)} (this run {v})" for k, v in model.config.items() if old.get(k) != v]
     if diff:
@@ -195,43 +198,26 @@ def resume(path, model, ema, optimizer):
     return ckpt
 
 
-def restore_rng(states, world, rank, logger):
-    if len(states) != world:
-        return logger.info(f"warning: checkpoint of {len(states)} processes, now {world}: new RNG streams")
-    torch.set_rng_state(states[rank]["cpu"])
-    if "cuda" in states[rank] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states[rank]["cuda"])
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation through sample.py: a class-conditional grid, and on Fashion-MNIST the small-data metric of fid.py
 # ----------------------------------------------------------------------------------------------------------------
-def generate(ema, tok, labels, args, batch=250):
-    """EMA samples -> uint8 (N, H, W, 3). Seeded generators of their own: evaluating never touches the training RNG."""
-    import sample
-    kw = dict(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule, head_steps=args.head_steps,
-              cfg_interval=tuple(args.cfg_interval))  # DPM-Solver head (the official evaluation)
-    return np.concatenate([sample.generate(ema, tok, lab, kw, (args.seed << 32) + i, lab.device)
-                           for i, lab in enumerate(labels.split(batch))])
-
-
 def evaluate(ema, tok, args, step, device, logger, metric=None):
-    """Write the EMA grid (a row per class) and, with a metric, log the small-data Frechet distance and accuracy."""
-    from PIL import Image
+    """The EMA grid through sample.py (a row per class) and, with a metric, the small-data Frechet distance and the
+    conditional accuracy. Seeded generators of their own: evaluating never touches the training RNG."""
     if tok is None:
-        logger.info("no decoder for grids: pass --vae")
-        return {}
-    classes = list(range(ema.num_classes)) if ema.num_classes <= 16 else list(GRID_CLASSES)
-    images = generate(ema, tok, torch.tensor(classes, device=device).repeat_interleave(args.grid_per_class), args)
-    n, h, w, c = images.shape
+        return logger.info("no decoder for grids: pass --vae") or {}
+    kw = dict(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule, head_steps=args.head_steps,
+              cfg_interval=tuple(args.cfg_interval))  # DPM-Solver head, as the official evaluation
     path = Path(args.results_dir) / f"grid_{step:07d}.png"
-    rows = images.reshape(len(classes), -1, h, w, c).transpose(0, 2, 1, 3, 4)  # (rows, H, cols, W, c)
-    Image.fromarray(rows.reshape(len(classes) * h, -1, c)).save(path)
+    sample.grid(ema, tok, kw, argparse.Namespace(classes=None, per_class=args.grid_per_class, batch_size=EVAL_BATCH,
+                                                 seed=args.seed, grid=str(path)), device)
     logger.info(f"step {step}: EMA grid -> {path}")
     result = {"grid": str(path)}
     if metric is not None:
-        labels = torch.arange(args.eval_samples, device=device) % ema.num_classes  # balanced classes
-        result.update(metric.evaluate(generate(ema, tok, labels, args)[..., 0], labels.cpu().numpy()))
+        labels = torch.arange(args.eval_samples) % ema.num_classes  # balanced classes
+        images = np.concatenate([sample.generate(ema, tok, lab, kw, (args.seed << 32) + j, device)
+                                 for j, lab in enumerate(labels.split(EVAL_BATCH))])  # (N, H, W, 3) uint8
+        result.update(metric.evaluate(images[..., 0], labels.numpy()))
         logger.info(f"step {step}: small-data Frechet distance {result['frechet']:.3f}, conditional accuracy "
                     f"{result['accuracy']:.3f} ({args.eval_samples} EMA samples, K={args.num_iter}, cfg {args.cfg})")
     return result
@@ -239,15 +225,12 @@ def evaluate(ema, tok, args, step, device, logger, metric=None):
 
 def small_data_metric(args):
     """fid.py's offline metric for 28x28 data: a small CNN trained once on the train split (cached in a file)."""
-    import fid
-    import tokenizer
     return fid.SmallDataMetric(*(t.numpy() for t in tokenizer.load_fashion_mnist("train", args.data_path)),
                                args.metric_cache)
 
 
 def report_demo(metric, result, args, seconds, logger):
     """The demo's verdict next to as many real test images as samples (the Frechet distance's bias depends on N)."""
-    import tokenizer
     base = metric.baselines(*(t[:args.eval_samples].numpy() for t in tokenizer.load_fashion_mnist("test",
                                                                                                  args.data_path)))
     met = lambda ok: "met" if ok else "MISSED"
@@ -306,7 +289,7 @@ def main(args):
     steps_per_epoch = len(sampler) // local_bs
     if steps_per_epoch == 0:
         fail(f"{len(ds)} training examples cannot fill one global batch of {args.global_batch_size}")
-    total, step = args.max_steps or args.epochs * steps_per_epoch, 0
+    total = args.max_steps or args.epochs * steps_per_epoch
     ckpt = resume(args.resume, model, ema, optimizer) if args.resume else {}
     step = ckpt.get("step", 0)
     train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
@@ -315,14 +298,18 @@ def main(args):
                 f"{world} process(es) on {device}, global batch {args.global_batch_size}, lr {args.lr:.3g}, "
                 f"{total} steps ({steps_per_epoch} per epoch), starting at step {step}")
     torch.manual_seed(args.seed + rank)  # per-rank streams for masks, noise, dropout and label drop (official)
-    if ckpt:
-        restore_rng(ckpt["rng"], world, rank, logger)
+    if ckpt and len(ckpt["rng"]) == world:  # every rank continues its own random stream
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if "cuda" in ckpt["rng"][rank] and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    elif ckpt:
+        logger.info(f"warning: checkpoint of {len(ckpt['rng'])} processes, now {world}: new random streams")
     csv_path, metric, result = Path(args.results_dir) / "log.csv", None, {}
     if rank == 0 and not csv_path.exists():
-        csv_path.write_text("step,epoch,loss,lr,grad_norm,peak_mem_gb,images_per_s,cpu_s\n")
+        csv_path.write_text("step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb,cpu_s\n")
     model.train()
     stats, t_log, log_steps = torch.zeros(2, dtype=torch.float64), time.time(), 0
-    pbar = tqdm(total=total, initial=step, disable=rank != 0 or not args.progress, dynamic_ncols=True)
+    pbar = tqdm(total=total, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
     while step < total:
         sampler.set_epoch(step // steps_per_epoch)  # the same shuffle for a given epoch, straight or resumed
         sampler.start = (step % steps_per_epoch) * local_bs  # a resume continues mid-epoch where the run stopped
@@ -330,32 +317,25 @@ def main(args):
             lr = lr_at(step, steps_per_epoch, total, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with ctx:
-                loss = train_model(to_tokens(x), labels.to(device))  # tokens (B, L, C), labels (B,)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # global L2 norm (DDP: all ranks)
-            loss_v, norm_v = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
-            if not (math.isfinite(loss_v) and math.isfinite(norm_v)):  # stop before the update spoils the weights
-                fail(f"non-finite loss {loss_v} (grad norm {norm_v}) at step {step + 1}: stopping; "
-                     f"resume from {Path(args.results_dir) / 'last.pt'} with a lower lr or --fp32")
-            optimizer.step()
-            update_ema(ema_params, params, args.ema_decay)
+            loss_v, norm_v = train_step(train_model, to_tokens(x), labels.to(device), optimizer, params, ema_params,
+                                        ctx, args, step)  # tokens (B, L, C), labels (B,)
             step, log_steps = step + 1, log_steps + 1
             stats += torch.tensor([loss_v, norm_v], dtype=torch.float64)
             pbar.update(1)
             if step % args.log_every == 0 or step == total:  # mean loss and grad norm over the steps and the ranks
                 if world > 1:
+                    stats = stats.to(device)  # NCCL reduces GPU tensors
                     dist.all_reduce(stats)
-                loss_mean, norm_mean = (stats / (world * log_steps)).tolist()
-                row = [step, step / steps_per_epoch, loss_mean, lr, norm_mean, peak_memory_gb(device),
-                       log_steps * args.global_batch_size / (time.time() - t_log), time.process_time()]
-                logger.info("step {} epoch {:.2f} loss {:.4f} lr {:.3g} grad norm {:.3f} peak mem {:.2f} GB "
-                            "{:.1f} img/s cpu {:.0f} s".format(*row))
+                loss_mean, norm_mean = (stats.cpu() / (world * log_steps)).tolist()
+                row = [step, step / steps_per_epoch, loss_mean, lr, norm_mean,
+                       log_steps * args.global_batch_size / (time.time() - t_log), peak_memory_gb(device),
+                       time.process_time()]
+                logger.info("step {} epoch {:.2f} loss {:.4f} lr {:.3g} grad norm {:.3f} {:.1f} img/s peak mem "
+                            "{:.2f} GB cpu {:.0f} s".format(*row))
                 if rank == 0:
                     with open(csv_path, "a") as f:
                         f.write(",".join(f"{v:.6g}" for v in row) + "\n")
-                stats, t_log, log_steps = torch.zeros(2, dtype=torch.float64), time.time(), 0
+                stats, t_log, log_steps = torch.zeros(2, dtype=torch.float64), time.time(), 0  # on the CPU
             names = ["last.pt"] * (step % args.save_every == 0 or step == total)
             names += [f"ckpt_{step:07d}.pt"] * (args.ckpt_every > 0 and step % args.ckpt_every == 0)
             if names:
@@ -374,6 +354,22 @@ def main(args):
     return model, ema
 
 
+def train_step(train_model, tokens, labels, optimizer, params, ema_params, ctx, args, step):
+    """One update: loss, backward, clip the global grad norm (all ranks under DDP), AdamW, EMA. -> (loss, norm)."""
+    with ctx:
+        loss = train_model(tokens, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    loss_v, norm_v = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+    if not (math.isfinite(loss_v) and math.isfinite(norm_v)):  # stop before the update spoils the weights
+        fail(f"non-finite loss {loss_v} (grad norm {norm_v}) at step {step + 1}: stopped before the update; "
+             f"lower the lr (a resume from {Path(args.results_dir) / 'last.pt'} continues the run)")
+    optimizer.step()
+    update_ema(ema_params, params, args.ema_decay)
+    return loss_v, norm_v
+
+
 def random_tokens(model, args):  # --dataset random: Gaussian tokens and labels (benchmark, tests)
     g = torch.Generator().manual_seed(args.seed)
     n, L, C = max(4 * args.global_batch_size, 256), model.seq_len, model.token_channels
@@ -382,7 +378,8 @@ def random_tokens(model, args):  # --dataset random: Gaussian tokens and labels 
 
 def autocast(device, args):
     """bf16 autocast on CUDA (emigm.py keeps the head's diffusion math in fp32); plain fp32 on CPU or with --fp32."""
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and not args.fp32 else contextlib.nullcontext()
+    cuda_bf16 = device.type == "cuda" and not args.fp32
+    return torch.autocast("cuda", torch.bfloat16) if cuda_bf16 else contextlib.nullcontext()
 
 
 def peak_memory_gb(device):
@@ -407,22 +404,15 @@ def bench(args):
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
     x = torch.randn(B, model.seq_len, model.token_channels, device=device)
     y = torch.arange(B, device=device) % model.num_classes
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    ctx = autocast(device, args)
+    sync, ctx = torch.cuda.synchronize if device.type == "cuda" else lambda: None, autocast(device, args)
 
     def timed(fn):
         t = time.perf_counter()
         fn(), sync()
         return time.perf_counter() - t
 
-    def step():
-        with ctx:
-            loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        update_ema(ema_params, params, args.ema_decay)
+    def step():  # exactly the training loop's step
+        train_step(model, x, y, opt, params, ema_params, ctx, args, 0)
     step(), step()  # warm-up
     torch.manual_seed(args.seed)
     t = sorted(timed(step) for _ in range(BENCH_STEPS))[BENCH_STEPS // 2]
@@ -458,7 +448,6 @@ def parse_args(argv=None):
     p.add_argument("--blr", type=float, default=1e-4, help="lr = blr x global batch / 256")
     p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
-    p.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine schedule")
     p.add_argument("--warmup-epochs", type=float, default=100)
     p.add_argument("--weight-decay", type=float, default=0.02)
     p.add_argument("--grad-clip", type=float, default=3.0)
@@ -485,14 +474,13 @@ def parse_args(argv=None):
     p.add_argument("--sample-every", type=int, default=10000, help="steps between EMA grids (0: at the end only)")
     p.add_argument("--periodic-metric", action="store_true", help="Fashion-MNIST: the metric with every grid")
     p.add_argument("--eval-samples", type=int, default=1000)
-    p.add_argument("--metric-cache", default=str(Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"))
+    p.add_argument("--metric-cache", default=str(sample.METRIC_CACHE), help="the small-data metric's classifier")
     p.add_argument("--grid-per-class", type=int, default=8)
     p.add_argument("--num-iter", type=int, default=16, help="sampling steps K")
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--cfg-schedule", default="constant")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 0.3], metavar=("T_MIN", "T_MAX"))
     p.add_argument("--head-steps", type=int, default=8)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     if args.demo:  # the demo's values become the defaults; flags given explicitly still win
         p.set_defaults(**DEMO)
