@@ -52,9 +52,7 @@ def fail(msg):
     raise SystemExit(f"train.py: error: {msg}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed set-up (DiT's block, optional): torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Distributed set-up (DiT's block, optional): torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python: 1 process
 def setup_distributed():
     rank, world, local_rank = (int(os.environ.get(k, 1 if k == "WORLD_SIZE" else 0)) for k in
                                ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -71,8 +69,7 @@ def barrier():
         dist.barrier()
 
 
-def create_logger(results_dir, rank):
-    """Rank 0 logs to stdout and results_dir/log.txt; the other ranks are silent."""
+def create_logger(results_dir, rank):  # rank 0 logs to stdout and results_dir/log.txt; the other ranks are silent
     logger = logging.getLogger("train")
     logger.handlers.clear()
     logger.propagate, logger.level = False, logging.INFO if rank == 0 else logging.CRITICAL + 1
@@ -83,11 +80,8 @@ def create_logger(results_dir, rank):
     return logger
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data: every source yields (x, label) batches plus a function turning x into tokens (B, L, C) on the device
-# ----------------------------------------------------------------------------------------------------------------
-def build_data(args, device):
-    """-> (dataset, to_tokens, tokenizer or None). to_tokens(x) gives (B, L, C) float tokens on device."""
+# ---- Data: every source yields (x, label) batches plus a function turning x into tokens (B, L, C) on the device
+def build_data(args, device):  # -> (dataset or None for random tokens, to_tokens, tokenizer or None)
     if args.dataset == "random":  # benchmark and tests: Gaussian tokens, made once the model's shape is known
         return None, lambda x: x.to(device), None
     if args.dataset == "fashion-mnist":  # pixel tokens: no VAE
@@ -121,19 +115,15 @@ def build_data(args, device):
 
 class ResumableSampler(DistributedSampler):
     """DistributedSampler (same shuffle per epoch on every rank) that can start part-way through an epoch."""
-
     start = 0
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.start, None)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Optimisation (official parameter groups, lr schedule, EMA) and checkpoints (plain dicts, rank 0, atomic)
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Optimisation (official parameter groups, lr schedule) and checkpoints (plain dicts, rank 0, atomic)
 def param_groups(model, weight_decay):
-    """Official: no decay for 1-D params, biases and the whole diffusion head; pos-embeds, class_emb, fake_latent
-    ((1, D)) are decayed."""
+    """Official: no decay on 1-D params, biases and the diffusion head; pos-embeds, class_emb, fake_latent decay."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim == 1 or name.endswith(".bias") or "diffloss" in name else decay).append(p)
@@ -153,13 +143,6 @@ def lr_at(step, steps_per_epoch, total_steps, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@torch.no_grad()
-def update_ema(ema_params, params, decay):
-    """ema = decay * ema + (1 - decay) * p after every step, from a copy of the initial weights (official)."""
-    torch._foreach_mul_(ema_params, decay)
-    torch._foreach_add_(ema_params, params, alpha=1 - decay)
-
-
 def rng_states(world):
     """Every rank's torch RNG states (CPU and, on GPU, CUDA), so that a resume replays the same masks and noise."""
     state = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
@@ -170,13 +153,12 @@ def rng_states(world):
 
 
 def write_checkpoint(names, model, ema, optimizer, step, steps_per_epoch, args, world, rank):
-    """A plain dict (loads with weights_only=True), written by rank 0 to a temp file then renamed (atomic)."""
     rng = rng_states(world)  # collective: every rank takes part
     if rank == 0:
         ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
                     epoch=step / steps_per_epoch, args=dict(vars(args)), config=model.config, rng=rng)
         for name in names:
-            torch.save(ckpt, Path(args.results_dir) / (name + ".tmp"))
+            torch.save(ckpt, Path(args.results_dir) / (name + ".tmp"))  # plain data: loads with weights_only=True
             os.replace(Path(args.results_dir) / (name + ".tmp"), Path(args.results_dir) / name)
     barrier()  # nobody runs ahead (or exits) before the file is complete
 
@@ -192,18 +174,14 @@ def resume(path, model, ema, optimizer):
     diff = [f"{k}={old.get(k)} (this run {v})" for k, v in model.config.items() if old.get(k) != v]
     if diff:
         fail(f"--resume {path} was trained with a different model: {', '.join(diff)}")
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    for key, obj in (("model", model), ("ema", ema), ("optimizer", optimizer)):
+        obj.load_state_dict(ckpt[key])
     return ckpt
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation through sample.py: a class-conditional grid, and on Fashion-MNIST the small-data metric of fid.py
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Evaluation through sample.py: a class-conditional grid, and on Fashion-MNIST the small-data metric of fid.py
 def evaluate(ema, tok, args, step, device, logger, metric=None):
-    """The EMA grid through sample.py (a row per class) and, with a metric, the small-data Frechet distance and the
-    conditional accuracy. Seeded generators of their own: evaluating never touches the training RNG."""
+    """Seeded generators of their own (sample.py's): evaluating never touches the training RNG."""
     if tok is None:
         return logger.info("no decoder for grids: pass --vae") or {}
     kw = dict(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule, head_steps=args.head_steps,
@@ -223,16 +201,10 @@ def evaluate(ema, tok, args, step, device, logger, metric=None):
     return result
 
 
-def small_data_metric(args):
-    """fid.py's offline metric for 28x28 data: a small CNN trained once on the train split (cached in a file)."""
-    return fid.SmallDataMetric(*(t.numpy() for t in tokenizer.load_fashion_mnist("train", args.data_path)),
-                               args.metric_cache)
-
-
 def report_demo(metric, result, args, seconds, logger):
     """The demo's verdict next to as many real test images as samples (the Frechet distance's bias depends on N)."""
-    base = metric.baselines(*(t[:args.eval_samples].numpy() for t in tokenizer.load_fashion_mnist("test",
-                                                                                                 args.data_path)))
+    test = tokenizer.load_fashion_mnist("test", args.data_path)  # (images (N, 28, 28) uint8, labels (N,))
+    base = metric.baselines(*(t[:args.eval_samples].numpy() for t in test))
     met = lambda ok: "met" if ok else "MISSED"
     logger.info(f"{metric.label}, {args.eval_samples} images each:\n"
                 f"  samples    FD {result['frechet']:8.3f}  conditional accuracy {result['accuracy']:.3f}\n"
@@ -243,9 +215,7 @@ def report_demo(metric, result, args, seconds, logger):
                 f"{met(result['frechet'] < base['blur3x3'])}; {seconds / 60:.1f} minutes in all; grid {result['grid']}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Training
 def build_model(args, tok=None):
     """The --size preset with the flags given on the command line (None = the preset's value, which is official)."""
     names = ("width", "depth", "num_heads", "head_depth", "head_width", "buffer_size", "mask_schedule",
@@ -278,9 +248,11 @@ def main(args):
         fail(e)
     torch.manual_seed(args.seed)  # the same initial weights on every rank, whatever the world size
     model = build_model(args, tok).to(device)
-    ds = ds or random_tokens(model, args)
+    if ds is None:  # --dataset random: Gaussian tokens and labels (benchmark, tests)
+        g, n = torch.Generator().manual_seed(args.seed), max(4 * args.global_batch_size, 256)
+        ds = TensorDataset(torch.randn(n, model.seq_len, model.token_channels, generator=g),
+                           torch.randint(model.num_classes, (n,), generator=g))
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # the EMA copy: no gradients, always in eval mode
-    params, ema_params = list(model.parameters()), list(ema.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(ds, batch_size=local_bs, sampler=sampler, drop_last=True, pin_memory=device.type == "cuda",
@@ -293,8 +265,7 @@ def main(args):
     ckpt = resume(args.resume, model, ema, optimizer) if args.resume else {}
     step = ckpt.get("step", 0)
     train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    ctx = autocast(device, args)
-    logger.info(f"eMIGM-{args.size}: {sum(p.numel() for p in params):,} parameters, {len(ds):,} examples, "
+    logger.info(f"eMIGM-{args.size}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(ds):,} examples, "
                 f"{world} process(es) on {device}, global batch {args.global_batch_size}, lr {args.lr:.3g}, "
                 f"{total} steps ({steps_per_epoch} per epoch), starting at step {step}")
     torch.manual_seed(args.seed + rank)  # per-rank streams for masks, noise, dropout and label drop (official)
@@ -317,8 +288,7 @@ def main(args):
             lr = lr_at(step, steps_per_epoch, total, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_v, norm_v = train_step(train_model, to_tokens(x), labels.to(device), optimizer, params, ema_params,
-                                        ctx, args, step)  # tokens (B, L, C), labels (B,)
+            loss_v, norm_v = train_step(train_model, ema, optimizer, to_tokens(x), labels.to(device), args, step)
             step, log_steps = step + 1, log_steps + 1
             stats += torch.tensor([loss_v, norm_v], dtype=torch.float64)
             pbar.update(1)
@@ -342,8 +312,8 @@ def main(args):
                 write_checkpoint(names, model, ema, optimizer, step, steps_per_epoch, args, world, rank)
             if step == total or (args.sample_every and step % args.sample_every == 0):
                 if rank == 0:
-                    if args.dataset == "fashion-mnist" and (step == total or args.periodic_metric):
-                        metric = metric or small_data_metric(args)
+                    if args.dataset == "fashion-mnist" and (step == total or args.periodic_metric):  # train split
+                        metric = metric or fid.SmallDataMetric(*(t.numpy() for t in ds.tensors), args.metric_cache)
                     result = evaluate(ema, tok, args, step, device, logger, metric)
                 barrier()
                 t_log = time.time()
@@ -354,32 +324,23 @@ def main(args):
     return model, ema
 
 
-def train_step(train_model, tokens, labels, optimizer, params, ema_params, ctx, args, step):
-    """One update: loss, backward, clip the global grad norm (all ranks under DDP), AdamW, EMA. -> (loss, norm)."""
-    with ctx:
+def train_step(train_model, ema, optimizer, tokens, labels, args, step):  # tokens (B, L, C), labels (B,)
+    params, ema_params = list(train_model.parameters()), list(ema.parameters())  # DDP: its module's, in order
+    cuda_bf16 = tokens.device.type == "cuda" and not args.fp32  # fp32 on CPU (emigm.py keeps the head's math in fp32)
+    with torch.autocast("cuda", torch.bfloat16) if cuda_bf16 else contextlib.nullcontext():
         loss = train_model(tokens, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the global L2 norm (DDP: of all ranks)
     loss_v, norm_v = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
     if not (math.isfinite(loss_v) and math.isfinite(norm_v)):  # stop before the update spoils the weights
         fail(f"non-finite loss {loss_v} (grad norm {norm_v}) at step {step + 1}: stopped before the update; "
              f"lower the lr (a resume from {Path(args.results_dir) / 'last.pt'} continues the run)")
     optimizer.step()
-    update_ema(ema_params, params, args.ema_decay)
+    with torch.no_grad():  # ema = decay * ema + (1 - decay) * p after every step, from the initial weights (official)
+        torch._foreach_mul_(ema_params, args.ema_decay)
+        torch._foreach_add_(ema_params, params, alpha=1 - args.ema_decay)
     return loss_v, norm_v
-
-
-def random_tokens(model, args):  # --dataset random: Gaussian tokens and labels (benchmark, tests)
-    g = torch.Generator().manual_seed(args.seed)
-    n, L, C = max(4 * args.global_batch_size, 256), model.seq_len, model.token_channels
-    return TensorDataset(torch.randn(n, L, C, generator=g), torch.randint(model.num_classes, (n,), generator=g))
-
-
-def autocast(device, args):
-    """bf16 autocast on CUDA (emigm.py keeps the head's diffusion math in fp32); plain fp32 on CPU or with --fp32."""
-    cuda_bf16 = device.type == "cuda" and not args.fp32
-    return torch.autocast("cuda", torch.bfloat16) if cuda_bf16 else contextlib.nullcontext()
 
 
 def peak_memory_gb(device):
@@ -400,19 +361,18 @@ def bench(args):
     _, _, device = setup_distributed()
     torch.manual_seed(args.seed)
     model, B = build_model(args).to(device), args.global_batch_size or 8
-    params, ema_params = list(model.parameters()), [p.detach().clone() for p in model.parameters()]
+    ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
     x = torch.randn(B, model.seq_len, model.token_channels, device=device)
     y = torch.arange(B, device=device) % model.num_classes
-    sync, ctx = torch.cuda.synchronize if device.type == "cuda" else lambda: None, autocast(device, args)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def timed(fn):
         t = time.perf_counter()
         fn(), sync()
         return time.perf_counter() - t
 
-    def step():  # exactly the training loop's step
-        train_step(model, x, y, opt, params, ema_params, ctx, args, 0)
+    step = lambda: train_step(model, ema, opt, x, y, args, 0)  # exactly the training loop's step
     step(), step()  # warm-up
     torch.manual_seed(args.seed)
     t = sorted(timed(step) for _ in range(BENCH_STEPS))[BENCH_STEPS // 2]
@@ -485,8 +445,7 @@ def parse_args(argv=None):
     if args.demo:  # the demo's values become the defaults; flags given explicitly still win
         p.set_defaults(**DEMO)
         args = p.parse_args(argv)
-    if args.cached_path:
-        args.dataset = "cached"
+    args.dataset = "cached" if args.cached_path else args.dataset  # --cached-path wins over --dataset
     args.tokenizer = "pixel" if args.dataset == "fashion-mnist" else "dcae" if args.img_size == 512 else "kl16"
     return args
 
