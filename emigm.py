@@ -42,12 +42,10 @@ def mask_ratio(t, schedule):
 
 def loss_weight(t, schedule, weighting="constant"):
     """w(t) of Fig. 2b: 1 for eMIGM; MDM's ELBO weight -d(1 - gamma_t)/dt / gamma_t = gamma'_t / gamma_t."""
-    if weighting == "constant":
-        return torch.ones_like(torch.as_tensor(t, dtype=torch.float32))
-    if weighting != "mdm":
+    if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}: choose 'constant' or 'mdm'")
     t = torch.as_tensor(t, dtype=torch.float32)
-    return SCHEDULES[schedule][1](t) / mask_ratio(t, schedule)
+    return torch.ones_like(t) if weighting == "constant" else SCHEDULES[schedule][1](t) / mask_ratio(t, schedule)
 
 
 def sample_mask(batch, seq_len, schedule="exp", t_min=0.2, generator=None, device=None):
@@ -72,18 +70,23 @@ class GaussianDiffusion:
     Tables are computed in float64 and stored cast to float32: the official code looks entries up in float64 and
     casts after, which gives the same values."""
 
-    def __init__(self, num_steps=1000):
-        self.num_steps = num_steps
+    def __init__(self, num_steps=1000, respace=None):
         s = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
         alpha_bar = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)  # (T,) float64
+        self.timesteps = torch.arange(num_steps)  # the original step of each step, which the net sees
+        if respace and respace != num_steps:  # IDDPM's respacing to `respace` evenly strided steps (MAR's DDPM sampler)
+            self.timesteps = torch.tensor([round(i * ((num_steps - 1) / (respace - 1))) for i in range(respace)])
+            kept = torch.cumprod(1 - betas, 0)[self.timesteps]
+            betas = 1 - kept / torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
+        self.num_steps = len(betas)
         ac = torch.cumprod(1 - betas, 0)
         ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
         post_var = betas * (1 - ac_prev) / (1 - ac)
         self.betas, self.alphas_cumprod = betas, ac  # float64, for the samplers
         self.tables64 = dict(
             sqrt_ac=ac.sqrt(), sqrt_1m_ac=(1 - ac).sqrt(), sqrt_recip_ac=(1 / ac).sqrt(),
-            sqrt_recipm1_ac=(1 / ac - 1).sqrt(), post_var=post_var,
+            sqrt_recipm1_ac=(1 / ac - 1).sqrt(),
             # log of the posterior variance, its t=0 entry replaced by t=1's (it is 0 at t=0)
             post_logvar=torch.cat([post_var[1:2], post_var[1:]]).log(), log_betas=betas.log(),
             post_coef1=betas * ac_prev.sqrt() / (1 - ac), post_coef2=(1 - ac_prev) * (1 - betas).sqrt() / (1 - ac))
@@ -316,10 +319,6 @@ class EMIGM(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    @property
-    def diffusion(self):
-        return self.diffloss.diffusion
 
     def class_embedding(self, labels):
         """class_emb(labels) (B, D); in training each row becomes the fake embedding with prob label_drop_prob."""

@@ -176,38 +176,25 @@ def dpm_solver_sample(net, noise, cond, uncond=None, cfg=1.0, steps=8, temperatu
 
 # ---- Head sampler 2: MAR's DDPM with learned variance over respaced steps (the official online evaluation) ----------
 @lru_cache(maxsize=None)
-def ddpm_tables(steps):
-    """IDDPM respacing of the 1000-step cosine schedule to `steps` steps (space_timesteps(1000, str(steps))): the
-    original step of each respaced one, and the float32 tables p(x_{t-1} | x_t) needs, computed in float64."""
-    ac_full = emigm.GaussianDiffusion().alphas_cumprod  # float64 (1000,)
-    use = torch.tensor([round(i * ((len(ac_full) - 1) / (steps - 1))) for i in range(steps)])  # IDDPM's stride
-    ac = ac_full[use]
-    ac_prev = torch.cat([torch.ones(1, dtype=ac.dtype), ac[:-1]])
-    betas = 1 - ac / ac_prev
-    post_var = betas * (1 - ac_prev) / (1 - ac)
-    tab = dict(log_beta=betas.log(), post_logvar=torch.cat([post_var[1:2], post_var[1:]]).log(),
-               recip=(1 / ac).sqrt(), recipm1=(1 / ac - 1).sqrt(),
-               coef1=betas * ac_prev.sqrt() / (1 - ac), coef2=(1 - ac_prev) * (1 - betas).sqrt() / (1 - ac))
-    return use, {k: v.float() for k, v in tab.items()}
+def respaced(steps):
+    """The 1000-step cosine diffusion respaced to `steps` steps (IDDPM's space_timesteps(1000, str(steps)))."""
+    return emigm.GaussianDiffusion(respace=steps)
 
 
 @torch.no_grad()
 def ddpm_sample(net, noise, cond, uncond=None, cfg=1.0, steps=100, temperature=1.0, generator=None):
     """Ancestral sampling with the head's learned-range variance. Same arguments as dpm_solver_sample; the
     temperature scales the per-step noise only (MAR). With CFG only eps is guided, the variance is the cond one's."""
-    use, tab = ddpm_tables(steps)
+    diffusion = respaced(steps)
     C, x, guided = noise.shape[1], noise, uncond is not None and cfg != 1.0
     c_in = torch.cat([cond, uncond]) if guided else cond
     for i in reversed(range(steps)):
-        t = torch.full((len(c_in),), int(use[i]), device=x.device)  # the net sees the original step
+        t = torch.full((len(c_in),), int(diffusion.timesteps[i]), device=x.device)  # the net sees the original step
         out = net(torch.cat([x, x]) if guided else x, t, c_in)
         eps, var_out = out[:len(x), :C], out[:len(x), C:]
         if guided:
             eps = out[len(x):, :C] + cfg * (eps - out[len(x):, :C])
-        frac = (var_out + 1) / 2
-        logvar = frac * tab["log_beta"][i] + (1 - frac) * tab["post_logvar"][i]
-        x0 = tab["recip"][i] * x - tab["recipm1"][i] * eps
-        x = tab["coef1"][i] * x0 + tab["coef2"][i] * x  # the posterior mean
+        x, logvar = diffusion.p_mean_logvar(eps, var_out, x, torch.full((len(x),), i, device=x.device))
         if i > 0:
             x = x + torch.exp(0.5 * logvar) * draw(torch.randn, x.shape, generator, x.device) * temperature
     return x

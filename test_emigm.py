@@ -77,7 +77,7 @@ def test_diffusion_loss_terms_match_official():
         assert rel_err(terms[name], ref[name]) <= TOL, name
     masked_mean = (terms["loss"] * ref["mask"]).sum() / ref["mask"].sum()
     assert rel_err(masked_mean, ref["masked_mean_loss"]) <= TOL
-    betas = model.diffusion.betas
+    betas = model.diffloss.diffusion.betas
     assert rel_err(betas, REF["schedules"]["cosine_betas_float64"]) <= 1e-12
 
 

@@ -102,15 +102,16 @@ def test_analytic_gaussian(head, steps):
     DDPM with the exact reverse variance is exact in distribution for any respacing (50 steps to save time)."""
     m, s = torch.tensor([1.5, -2.0]), torch.tensor([0.8, 1.0])  # latents are scaled to about unit variance
     ns, ac = sample.noise_schedule(), emigm.GaussianDiffusion().alphas_cumprod.float()
-    use, tab = sample.ddpm_tables(steps) if head == "ddpm" else (None, None)
+    diffusion = sample.respaced(steps)
+    use, tab = diffusion.timesteps, {k: v.float() for k, v in diffusion.tables64.items()}
 
     def net(x, t, c):
         if head == "ddpm":  # the net sees the original step; the exact reverse variance as the learned one
             a2 = ac[t.long()][:, None]
             i = torch.searchsorted(use, t.long())
             var_x0 = s ** 2 * (1 - a2) / (a2 * s ** 2 + 1 - a2)
-            var = tab["coef1"][i][:, None] ** 2 * var_x0 + tab["post_logvar"][i][:, None].exp()
-            lo, hi = tab["post_logvar"][i][:, None], tab["log_beta"][i][:, None]
+            var = tab["post_coef1"][i][:, None] ** 2 * var_x0 + tab["post_logvar"][i][:, None].exp()
+            lo, hi = tab["post_logvar"][i][:, None], tab["log_betas"][i][:, None]
             v = 2 * (var.log() - lo) / (hi - lo) - 1
         else:  # invert the official time input (t - 1/N) * 1000 to the solver's own schedule
             a2, v = (2 * ns.log_alpha(t / 1000 + 1 / ns.total_N)).exp()[:, None], torch.zeros_like(x)
@@ -127,13 +128,11 @@ def test_analytic_gaussian(head, steps):
     assert ((x.std(0) - s).abs() / s).max() < (0.015 if steps == 8 else 0.01)
 
 
-def test_ddpm_tables_unspaced_equal_training_tables():
-    use, tab = sample.ddpm_tables(1000)
-    t64 = emigm.GaussianDiffusion().tables64
-    assert torch.equal(use, torch.arange(1000))
-    for ours, theirs in [("log_beta", "log_betas"), ("post_logvar", "post_logvar"), ("recip", "sqrt_recip_ac"),
-                         ("recipm1", "sqrt_recipm1_ac"), ("coef1", "post_coef1"), ("coef2", "post_coef2")]:
-        assert torch.allclose(tab[ours], t64[theirs].float(), rtol=1e-6, atol=0)
+def test_respacing_keeps_the_noise_levels_of_the_kept_steps():
+    full, spaced = emigm.GaussianDiffusion(), sample.respaced(100)
+    assert spaced.num_steps == 100 and spaced.timesteps[0] == 0 and spaced.timesteps[-1] == 999
+    assert torch.allclose(spaced.alphas_cumprod, full.alphas_cumprod[spaced.timesteps], rtol=1e-9, atol=0)
+    assert torch.equal(emigm.GaussianDiffusion(respace=1000).betas, full.betas)  # 1000 of 1000: the training schedule
 
 
 def test_reveal_counts_follow_the_schedule():
