@@ -74,6 +74,8 @@ def test_resume_is_exact(straight, tmp_path):
     out, model, ema = straight
     model2, ema2 = run(tmp_path, "--global-batch-size", "64", "--max-steps", "6", "--lr-schedule", "cosine",
                        "--resume", str(out / "ckpt_0000003.pt"))
+    rows = (tmp_path / "log.csv").read_text().splitlines()[1:]  # a resume that restarted at 0 would also match
+    assert [int(r.split(",")[0]) for r in rows] == [4, 5, 6]
     for a, b in ((model, model2), (ema, ema2)):
         sa, sb = a.state_dict(), b.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -64,17 +64,12 @@ def setup_distributed():
     return rank, world, device
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def create_logger(results_dir, rank):  # rank 0 logs to stdout and results_dir/log.txt; the other ranks are silent
     logger = logging.getLogger("train")
     logger.handlers.clear()
     logger.propagate, logger.level = False, logging.INFO if rank == 0 else logging.CRITICAL + 1
-    handlers = (logging.StreamHandler(sys.stdout), logging.FileHandler(Path(results_dir) / "log.txt"))
-    for h in handlers if rank == 0 else ():
+    for h in ((logging.StreamHandler(sys.stdout), logging.FileHandler(Path(results_dir) / "log.txt"))
+              if rank == 0 else ()):  # the file is opened on rank 0 only
         h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
         logger.addHandler(h)
     return logger
@@ -160,7 +155,7 @@ def write_checkpoint(names, model, ema, optimizer, step, steps_per_epoch, args, 
         for name in names:
             torch.save(ckpt, Path(args.results_dir) / (name + ".tmp"))  # plain data: loads with weights_only=True
             os.replace(Path(args.results_dir) / (name + ".tmp"), Path(args.results_dir) / name)
-    barrier()  # nobody runs ahead (or exits) before the file is complete
+    dist.is_initialized() and dist.barrier()  # nobody runs ahead (or exits) before the file is complete
 
 
 def resume(path, model, ema, optimizer):
@@ -231,6 +226,13 @@ def build_model(args, tok=None):
         fail(str(e))
 
 
+def build_training(args, device, tok=None):
+    """-> (model, EMA copy (no gradients, always in eval mode), AdamW with the official groups and betas)."""
+    model = build_model(args, tok).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    return model, ema, torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
+
+
 def main(args):
     start_time, world = time.time(), int(os.environ.get("WORLD_SIZE", 1))
     args.global_batch_size = args.global_batch_size or 64 * world  # default: 64 images per GPU (official B/L/H)
@@ -238,22 +240,18 @@ def main(args):
         fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
     rank, world, device = setup_distributed()
     local_bs, args.lr = args.global_batch_size // world, args.lr or args.blr * args.global_batch_size / 256  # official
-    if rank == 0:
-        os.makedirs(args.results_dir, exist_ok=True)
-    barrier()
+    os.makedirs(args.results_dir, exist_ok=True)  # every rank: exist_ok makes it safe, and no rank waits
     logger = create_logger(args.results_dir, rank)
     try:
         ds, to_tokens, tok = build_data(args, device)
     except (FileNotFoundError, ValueError) as e:  # tokenizer.py's messages are one line and say what to do
         fail(e)
     torch.manual_seed(args.seed)  # the same initial weights on every rank, whatever the world size
-    model = build_model(args, tok).to(device)
+    model, ema, optimizer = build_training(args, device, tok)
     if ds is None:  # --dataset random: Gaussian tokens and labels (benchmark, tests)
         g, n = torch.Generator().manual_seed(args.seed), max(4 * args.global_batch_size, 256)
         ds = TensorDataset(torch.randn(n, model.seq_len, model.token_channels, generator=g),
                            torch.randint(model.num_classes, (n,), generator=g))
-    ema = copy.deepcopy(model).requires_grad_(False).eval()  # the EMA copy: no gradients, always in eval mode
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
     sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(ds, batch_size=local_bs, sampler=sampler, drop_last=True, pin_memory=device.type == "cuda",
                         num_workers=args.num_workers if args.dataset == "imagefolder" else 0,  # in-memory / mmap: 0
@@ -279,7 +277,7 @@ def main(args):
     if rank == 0 and not csv_path.exists():
         csv_path.write_text("step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb,cpu_s\n")
     model.train()
-    stats, t_log, log_steps = torch.zeros(2, dtype=torch.float64), time.time(), 0
+    train_step, sums, t_log, log_steps = make_train_step(train_model, ema, optimizer, args), [0.0, 0.0], time.time(), 0
     pbar = tqdm(total=total, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
     while step < total:
         sampler.set_epoch(step // steps_per_epoch)  # the same shuffle for a given epoch, straight or resumed
@@ -288,13 +286,12 @@ def main(args):
             lr = lr_at(step, steps_per_epoch, total, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_v, norm_v = train_step(train_model, ema, optimizer, to_tokens(x), labels.to(device), args, step)
+            sums = [a + b for a, b in zip(sums, train_step(to_tokens(x), labels.to(device), step))]
             step, log_steps = step + 1, log_steps + 1
-            stats += torch.tensor([loss_v, norm_v], dtype=torch.float64)
             pbar.update(1)
             if step % args.log_every == 0 or step == total:  # mean loss and grad norm over the steps and the ranks
+                stats = torch.tensor(sums, dtype=torch.float64, device=device)  # NCCL reduces GPU tensors
                 if world > 1:
-                    stats = stats.to(device)  # NCCL reduces GPU tensors
                     dist.all_reduce(stats)
                 loss_mean, norm_mean = (stats.cpu() / (world * log_steps)).tolist()
                 row = [step, step / steps_per_epoch, loss_mean, lr, norm_mean,
@@ -305,7 +302,7 @@ def main(args):
                 if rank == 0:
                     with open(csv_path, "a") as f:
                         f.write(",".join(f"{v:.6g}" for v in row) + "\n")
-                stats, t_log, log_steps = torch.zeros(2, dtype=torch.float64), time.time(), 0  # on the CPU
+                sums, t_log, log_steps = [0.0, 0.0], time.time(), 0
             names = ["last.pt"] * (step % args.save_every == 0 or step == total)
             names += [f"ckpt_{step:07d}.pt"] * (args.ckpt_every > 0 and step % args.ckpt_every == 0)
             if names:
@@ -315,32 +312,35 @@ def main(args):
                     if args.dataset == "fashion-mnist" and (step == total or args.periodic_metric):  # train split
                         metric = metric or fid.SmallDataMetric(*(t.numpy() for t in ds.tensors), args.metric_cache)
                     result = evaluate(ema, tok, args, step, device, logger, metric)
-                barrier()
+                dist.is_initialized() and dist.barrier()
                 t_log = time.time()
     pbar.close()
     if rank == 0 and "accuracy" in result:
         report_demo(metric, result, args, time.time() - start_time, logger)
-    barrier()
+    dist.is_initialized() and dist.barrier()
     return model, ema
 
 
-def train_step(train_model, ema, optimizer, tokens, labels, args, step):  # tokens (B, L, C), labels (B,)
+def make_train_step(train_model, ema, optimizer, args):  # the parameter lists and the autocast choice made once
     params, ema_params = list(train_model.parameters()), list(ema.parameters())  # DDP: its module's, in order
-    cuda_bf16 = tokens.device.type == "cuda" and not args.fp32  # fp32 on CPU (emigm.py keeps the head's math in fp32)
-    with torch.autocast("cuda", torch.bfloat16) if cuda_bf16 else contextlib.nullcontext():
-        loss = train_model(tokens, labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the global L2 norm (DDP: of all ranks)
-    loss_v, norm_v = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
-    if not (math.isfinite(loss_v) and math.isfinite(norm_v)):  # stop before the update spoils the weights
-        fail(f"non-finite loss {loss_v} (grad norm {norm_v}) at step {step + 1}: stopped before the update; "
-             f"lower the lr (a resume from {Path(args.results_dir) / 'last.pt'} continues the run)")
-    optimizer.step()
-    with torch.no_grad():  # ema = decay * ema + (1 - decay) * p after every step, from the initial weights (official)
-        torch._foreach_mul_(ema_params, args.ema_decay)
-        torch._foreach_add_(ema_params, params, alpha=1 - args.ema_decay)
-    return loss_v, norm_v
+    cuda_bf16 = params[0].device.type == "cuda" and not args.fp32  # fp32 on CPU (emigm.py keeps the head's math fp32)
+
+    def train_step(tokens, labels, step):  # tokens (B, L, C), labels (B,) -> (loss, grad norm)
+        with torch.autocast("cuda", torch.bfloat16) if cuda_bf16 else contextlib.nullcontext():
+            loss = train_model(tokens, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the global L2 norm (DDP: of all ranks)
+        loss_v, norm_v = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):  # stop before the update spoils the weights
+            fail(f"non-finite loss {loss_v} (grad norm {norm_v}) at step {step + 1}: stopped before the update; "
+                 f"lower the lr (a resume from {Path(args.results_dir) / 'last.pt'} continues the run)")
+        optimizer.step()
+        with torch.no_grad():  # ema = decay * ema + (1 - decay) * p every step, from the initial weights (official)
+            torch._foreach_mul_(ema_params, args.ema_decay)
+            torch._foreach_add_(ema_params, params, alpha=1 - args.ema_decay)
+        return loss_v, norm_v
+    return train_step
 
 
 def peak_memory_gb(device):
@@ -360,9 +360,8 @@ def bench(args):
             lambda g, q, k, v, *a, **kw: fc.sdpa_backward_flop_count(g, q, k, v))
     _, _, device = setup_distributed()
     torch.manual_seed(args.seed)
-    model, B = build_model(args).to(device), args.global_batch_size or 8
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=1e-4, betas=(0.9, 0.95))
+    args.lr, B = args.lr or 1e-4, args.global_batch_size or 8
+    model, ema, opt = build_training(args, device)
     x = torch.randn(B, model.seq_len, model.token_channels, device=device)
     y = torch.arange(B, device=device) % model.num_classes
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -372,7 +371,8 @@ def bench(args):
         fn(), sync()
         return time.perf_counter() - t
 
-    step = lambda: train_step(model, ema, opt, x, y, args, 0)  # exactly the training loop's step
+    train_step = make_train_step(model, ema, opt, args)
+    step = lambda: train_step(x, y, 0)  # exactly the training loop's step
     step(), step()  # warm-up
     torch.manual_seed(args.seed)
     t = sorted(timed(step) for _ in range(BENCH_STEPS))[BENCH_STEPS // 2]
@@ -441,12 +441,10 @@ def parse_args(argv=None):
     p.add_argument("--cfg-schedule", default="constant")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 0.3], metavar=("T_MIN", "T_MAX"))
     p.add_argument("--head-steps", type=int, default=8)
-    args = p.parse_args(argv)
-    if args.demo:  # the demo's values become the defaults; flags given explicitly still win
+    if "--demo" in (sys.argv[1:] if argv is None else argv):  # the demo's values become the defaults; flags win
         p.set_defaults(**DEMO)
-        args = p.parse_args(argv)
+    args = p.parse_args(argv)
     args.dataset = "cached" if args.cached_path else args.dataset  # --cached-path wins over --dataset
-    args.tokenizer = "pixel" if args.dataset == "fashion-mnist" else "dcae" if args.img_size == 512 else "kl16"
     return args
 
 
