@@ -112,7 +112,7 @@ def test_kl16_interface(ref, tiny_vae):
         mean = tiny_vae.encode_moments(x)[:, :16]
         tokens = tiny_vae.encode(x, sample=False)
         assert tokens.shape == (2, 16, 16)  # 64px / 16 = 4x4 tokens of 16 channels
-        assert torch.equal(tokens[:, 5], mean[:, :, 1, 1] * T.KL16_SCALE)  # row-major (h, w)
+        assert torch.equal(tokens[:, 6], mean[:, :, 1, 2] * T.KL16_SCALE)  # row-major (h, w): not (w, h)
         assert rel_err(tiny_vae.decode(tokens), tiny_vae.decode_latent(mean)) < 1e-4  # x 0.2325 / 0.2325: 1 ulp
         a = tiny_vae.encode(x, generator=torch.Generator().manual_seed(1))
         b = tiny_vae.encode(x, generator=torch.Generator().manual_seed(1))
@@ -159,7 +159,7 @@ def test_pixel_tokenizer_round_trip_is_exact():
     tokens = tok.encode(x)
     assert tokens.shape == (3, 49, 16)
     assert torch.equal(tokens[:, 0], x[:, 0, :4, :4].reshape(3, 16) * tok.scale)  # token 0 = top-left patch
-    assert torch.equal(tokens[:, 8], x[:, 0, 4:8, 4:8].reshape(3, 16) * tok.scale)  # row-major: (1, 1) is token 8
+    assert torch.equal(tokens[:, 9], x[:, 0, 4:8, 8:12].reshape(3, 16) * tok.scale)  # row-major: (1, 2) is token 9
     assert torch.equal(tok.decode(tokens), x)
     with pytest.raises(ValueError) as e:
         T.PixelTokenizer(patch=3)

@@ -198,7 +198,7 @@ class Tokenizer(nn.Module):
 
 class KL16VAE(Tokenizer):
     """MAR's AutoencoderKL(embed_dim=16, ch_mult=(1,1,2,2,4)); `ch` exposed so reduced-width copies can be built."""
-    scale = KL16_SCALE
+    kind, scale = "kl16", KL16_SCALE
 
     def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), embed_dim=16, num_res_blocks=2):
         super().__init__()
@@ -245,7 +245,7 @@ class KL16VAE(Tokenizer):
 # ==== DC-AE f32c32 (512px) through diffusers, and the pixel tokenizer (small data, no autoencoder) ==================
 class DCAE(Tokenizer):
     """diffusers' AutoencoderDC loaded from a local directory; deterministic latents x 0.3189 (official)."""
-    scale = DCAE_SCALE
+    kind, scale = "dcae", DCAE_SCALE
 
     def __init__(self, path):
         super().__init__()
@@ -269,11 +269,13 @@ class DCAE(Tokenizer):
 
 class PixelTokenizer(Tokenizer):
     """Non-overlapping p x p pixel patches as tokens: 28x28 with p=4 gives 49 tokens of 16 values. Round trip exact."""
+    kind = "pixel"
+
     def __init__(self, patch=4, img_size=28, in_channels=1, scale=PIXEL_SCALE):
         super().__init__()
         if img_size % patch:  # fail here, before a model is sized with seq_len(img_size)
             raise ValueError(f"img_size {img_size} is not a multiple of patch {patch}")
-        self.patch, self.img_size, self.in_channels, self.scale = patch, img_size, in_channels, scale
+        self.patch, self.in_channels, self.scale = patch, in_channels, scale  # img_size: only checked
         self.channels, self.stride = in_channels * patch * patch, patch
 
     def encode_latent(self, x, sample=False, generator=None):  # no autoencoder: the latent grid is the image itself
@@ -334,7 +336,7 @@ def cache_latents(data_path, out, tok, *, img_size=256, batch_size=128, shard_si
     """ImageFolder -> out/shard_XXXXX.pt; shard s is rank s % world_size's; a rerun skips finished shards."""
     if img_size % tok.stride:
         raise ValueError(f"--img-size {img_size} is not a multiple of the tokenizer's stride {tok.stride}")
-    data, out, kind = ImageFolder(data_path, img_size), Path(out), "kl16" if isinstance(tok, KL16VAE) else "dcae"
+    data, out, kind = ImageFolder(data_path, img_size), Path(out), tok.kind
     n, num_shards, tok = len(data), math.ceil(len(data) / shard_size), tok.to(device)
     # what a shard stores per image: KL-16's unclamped posterior moments (as MAR), DC-AE's latent (unscaled)
     encode = torch.no_grad()(tok.encode_moments if kind == "kl16" else tok.encode_latent)
@@ -379,7 +381,7 @@ class CachedLatents(torch.utils.data.Dataset):
             raise ValueError(f"cache in {root} is incomplete (shards {missing} missing) or mixed: rerun the same "
                              f"python tokenizer.py cache command (finished shards are skipped)")
         self.kind, self.img_size, self.sample, self.flip = first["kind"], first["img_size"], sample, flip
-        self.scale = KL16_SCALE if self.kind == "kl16" else DCAE_SCALE
+        self.scale = (KL16VAE if self.kind == "kl16" else DCAE).scale  # the tokenizer's own, not a second copy
         self.offsets = np.cumsum([0] + [len(sh["labels"]) for sh in self.shards])
 
     def open(self):  # memory-mapped: pages are read on access, shared by forked workers
