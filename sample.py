@@ -22,6 +22,7 @@ import resource
 import shutil
 import time
 from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,56 @@ def sample_tokens(model, labels, num_iter=16, cfg=4.0, cfg_schedule="constant", 
     return tokens
 
 
+# ---- Run helpers shared with train.py (tokenizer.py, a leaf file, keeps an identical copy of setup_distributed) ----
+@dataclass
+class Distributed:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def setup_distributed():
+    """DiT's set-up, made optional: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is one process."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the GPU of this process on its node (not the global rank)
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    return Distributed(rank, world_size, device)
+
+
+def batch_seed(seed, index):
+    """The generator seed of batch `index` of a run seeded `seed`, the same on every rank and device.
+    The CPU generator keeps only 32 bits of a seed, so (seed, index) is hashed into 32 bits (numpy's SeedSequence):
+    (seed << 32) + index would keep only the index there."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def peak_memory_gb(device):
+    """Peak memory of this process: allocated on the GPU, or the peak RSS on CPU (Linux reports it in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
+    """The fp32 matmul peak of this process in FLOP per second of `clock`: the best of `repeats` 2048^3 products."""
+    a = torch.randn(2048, 2048, device=device)
+    best = 0.0
+    for _ in range(repeats):
+        start = clock()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * 2048**3 / (clock() - start))
+    return best
+
+
 # ---- Command line: a grid for eyes, an ADM-style .npz for FID (same bytes on any number of processes), a benchmark
 def load_model(args, device):
     """-> (model in eval mode, training flags): ours rebuild from their 'config', official ones from --size."""
@@ -286,7 +337,7 @@ def grid(model, tok, kw, args, device):
     from PIL import Image
     classes = args.classes or (list(range(model.num_classes)) if model.num_classes <= 16 else GRID_CLASSES)
     labels, start = torch.tensor(classes).repeat_interleave(args.per_class), time.perf_counter()
-    images = np.concatenate([generate(model, tok, rows, kw, (args.seed << 32) + j, device)
+    images = np.concatenate([generate(model, tok, rows, kw, batch_seed(args.seed, j), device)
                              for j, rows in enumerate(labels.split(args.batch_size))])
     rows = images.reshape(len(classes), args.per_class, *images.shape[1:]).swapaxes(1, 2)  # (rows, H, per_class, W, 3)
     Image.fromarray(rows.reshape(rows.shape[0] * rows.shape[1], -1, 3)).save(args.grid)
@@ -312,7 +363,7 @@ def bulk(model, tok, kw, args, rank, world, device):
     for j in tqdm(range(rank, len(batches), world), disable=rank != 0, desc="sampling"):
         if not path(j).exists():
             start = time.perf_counter()
-            np.save(parts / f"tmp{rank}.npy", generate(model, tok, batches[j], kw, (args.seed << 32) + j, device))
+            np.save(parts / f"tmp{rank}.npy", generate(model, tok, batches[j], kw, batch_seed(args.seed, j), device))
             os.replace(parts / f"tmp{rank}.npy", path(j))  # complete files only
             times.append((time.perf_counter() - start, len(batches[j])))
     if rank == 0 and len(times) > 1:  # seconds / images, after the warm-up batch
@@ -342,11 +393,7 @@ def bench(args):
             m.register_forward_hook(lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
         elif isinstance(m, emigm.Attention):  # q k^T and attn v
             m.register_forward_hook(lambda m, i, o: flops.append(4 * o.shape[0] * o.shape[1] ** 2 * o.shape[2]))
-    a, peak = torch.randn(2048, 2048), 0.0
-    for _ in range(5):
-        cpu = time.process_time()
-        a @ a
-        peak = max(peak, 2 * 2048 ** 3 / (time.process_time() - cpu))  # FLOP per CPU-second
+    peak = matmul_peak_flops(torch.device("cpu"), clock=time.process_time, repeats=5)  # FLOP per CPU-second
     print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP per CPU-second ({torch.get_num_threads()} threads)")
     def run(k, batch, interval):  # -> (CPU seconds, FLOPs)
         flops.clear()
@@ -373,13 +420,8 @@ def run(args):
     import tokenizer
     if not args.ckpt or (args.num_images is None) != (args.out is None):
         raise ValueError("pass --ckpt, and --num-images with --out for bulk mode (or --bench)")
-    distributed, cuda = "RANK" in os.environ, torch.cuda.is_available()  # torchrun sets RANK
-    if distributed:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")  # the local, not global, rank
-    if cuda:
-        torch.cuda.set_device(device)
+    ddp = setup_distributed()
+    rank, world, device = ddp.rank, ddp.world_size, ddp.device
     model, ckpt_args = load_model(args, device)
     kw = settings(args, model)
     kind = args.tokenizer or ("pixel" if model.seq_len != 256 else "dcae" if model.token_channels == 32 else "kl16")
@@ -392,10 +434,9 @@ def run(args):
         print(f"NFE = {k} x {f:.4f} (~{k} x {f:.1f}); {kw}")
     bulk(model, tok, kw, args, rank, world, device) if args.out else grid(model, tok, kw, args, device)
     if rank == 0:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
-        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else rss
-        print(f"peak memory {mem:.2f} GiB ({'allocated on the GPU' if cuda else 'max RSS'})")
-    if distributed:
+        where = "allocated on the GPU" if device.type == "cuda" else "max RSS"
+        print(f"peak memory {peak_memory_gb(device):.2f} GiB ({where})")
+    if world > 1:
         dist.destroy_process_group()
 
 

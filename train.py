@@ -19,7 +19,6 @@ import itertools
 import logging
 import math
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -50,18 +49,6 @@ EVAL_BATCH = 250  # images per sampling batch in grids and evaluations
 def fail(msg):
     """Stop with a one-line error (no traceback): bad paths, sizes and batch sizes are the user's, not bugs."""
     raise SystemExit(f"train.py: error: {msg}")
-
-
-# ---- Distributed set-up (DiT's block, optional): torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python: 1 process
-def setup_distributed():
-    rank, world, local_rank = (int(os.environ.get(k, 1 if k == "WORLD_SIZE" else 0)) for k in
-                               ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 def create_logger(results_dir, rank):  # rank 0 logs to stdout and results_dir/log.txt; the other ranks are silent
@@ -188,7 +175,7 @@ def evaluate(ema, tok, args, step, device, logger, metric=None):
     result = {"grid": str(path)}
     if metric is not None:
         labels = torch.arange(args.eval_samples) % ema.num_classes  # balanced classes
-        images = np.concatenate([sample.generate(ema, tok, lab, kw, (args.seed << 32) + j, device)
+        images = np.concatenate([sample.generate(ema, tok, lab, kw, sample.batch_seed(args.seed, j), device)
                                  for j, lab in enumerate(labels.split(EVAL_BATCH))])  # (N, H, W, 3) uint8
         result.update(metric.evaluate(images[..., 0], labels.numpy()))
         logger.info(f"step {step}: small-data Frechet distance {result['frechet']:.3f}, conditional accuracy "
@@ -238,7 +225,8 @@ def main(args):
     args.global_batch_size = args.global_batch_size or 64 * world  # default: 64 images per GPU (official B/L/H)
     if args.global_batch_size % world:
         fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
-    rank, world, device = setup_distributed()
+    ddp = sample.setup_distributed()
+    rank, world, device = ddp.rank, ddp.world_size, ddp.device
     local_bs, args.lr = args.global_batch_size // world, args.lr or args.blr * args.global_batch_size / 256  # official
     os.makedirs(args.results_dir, exist_ok=True)  # every rank: exist_ok makes it safe, and no rank waits
     logger = create_logger(args.results_dir, rank)
@@ -295,7 +283,7 @@ def main(args):
                     dist.all_reduce(stats)
                 loss_mean, norm_mean = (stats.cpu() / (world * log_steps)).tolist()
                 row = [step, step / steps_per_epoch, loss_mean, lr, norm_mean,
-                       log_steps * args.global_batch_size / (time.time() - t_log), peak_memory_gb(device),
+                       log_steps * args.global_batch_size / (time.time() - t_log), sample.peak_memory_gb(device),
                        time.process_time()]
                 logger.info("step {} epoch {:.2f} loss {:.4f} lr {:.3g} grad norm {:.3f} {:.1f} img/s peak mem "
                             "{:.2f} GB cpu {:.0f} s".format(*row))
@@ -343,12 +331,6 @@ def make_train_step(train_model, ema, optimizer, args):  # the parameter lists a
     return train_step
 
 
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (Linux reports KiB)
-
-
 def bench(args):
     """--bench: training steps (forward, backward, clip, AdamW, EMA) of --size on random tokens of the 256px shapes;
     FLOPs counted by torch's FlopCounterMode on the same steps (same seed), the peak timed on 2048^3 matmuls."""
@@ -358,7 +340,7 @@ def bench(args):
             lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q, k, v))
         fc.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)(
             lambda g, q, k, v, *a, **kw: fc.sdpa_backward_flop_count(g, q, k, v))
-    _, _, device = setup_distributed()
+    device = sample.setup_distributed().device
     torch.manual_seed(args.seed)
     args.lr, B = args.lr or 1e-4, args.global_batch_size or 8
     model, ema, opt = build_training(args, device)
@@ -379,12 +361,11 @@ def bench(args):
     torch.manual_seed(args.seed)  # the same masks, so the same shapes, as the timed steps
     with fc.FlopCounterMode(display=False) as counter:
         [step() for _ in range(BENCH_STEPS)]
-    a = torch.randn(2048, 2048, device=device)
-    peak = max(2 * 2048 ** 3 / timed(lambda: a @ a) for _ in range(10))
+    peak = sample.matmul_peak_flops(device)
     achieved = counter.get_total_flops() / BENCH_STEPS / t
     print(f"eMIGM-{args.size}, {model.seq_len} tokens x {model.token_channels} ch, batch {B}, {device}, "
           f"{torch.get_num_threads()} threads: step {t:.3f} s (median of {BENCH_STEPS}), {B / t:.1f} images/s, "
-          f"peak memory {peak_memory_gb(device):.2f} GB, {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of the "
+          f"peak memory {sample.peak_memory_gb(device):.2f} GB, {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of the "
           f"fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s, 2048^3 in this process)")
 
 
