@@ -243,6 +243,48 @@ def sample_tokens(model, labels, num_iter=16, cfg=4.0, cfg_schedule="constant", 
     return tokens
 
 
+# ---- Command-line value types (train.py uses them too): argparse turns a bad value into a one-line error, exit 2,
+# before any work starts. 0 is a value like any other: only a flag left out (None) means "the default".
+def positive_int(text):
+    """A count: steps, K, batch sizes, images."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count: pass an integer >= 1")
+    return value
+
+
+def nonnegative_int(text):
+    """A seed, or an interval where 0 means never."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: pass an integer >= 0")
+    return value
+
+
+def positive_float(text):
+    """A learning rate or a temperature."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not > 0: pass a positive number")
+    return value
+
+
+def nonnegative_float(text):
+    """A weight decay or a gradient-clipping norm."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: pass a number >= 0")
+    return value
+
+
+def unit_interval(text):
+    """A probability, a decay or a time in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]: pass a number from 0 to 1")
+    return value
+
+
 # ---- Run helpers shared with train.py (tokenizer.py, a leaf file, keeps an identical copy of setup_distributed) ----
 @dataclass
 class Distributed:
