@@ -374,16 +374,24 @@ def generate(model, tok, labels, kw, seed, device):
     return x.expand(-1, -1, -1, 3).cpu().numpy() if x.shape[-1] == 1 else x.cpu().numpy()
 
 
-def grid(model, tok, kw, args, device):
-    """One row per class, --per-class images in each, saved as a PNG; batch j seeded from (seed, j) as in bulk."""
+def save_grid(model, tok, classes, per_class, sampler_kwargs, seed, batch_size, path, device):
+    """A PNG with one row per class and per_class images in each; batch j seeded with batch_seed(seed, j) as in bulk."""
     from PIL import Image
+    labels = torch.tensor(classes).repeat_interleave(per_class)
+    start = time.perf_counter()
+    batches = []
+    for j, rows in enumerate(labels.split(batch_size)):
+        batches.append(generate(model, tok, rows, sampler_kwargs, batch_seed(seed, j), device))
+    images = np.concatenate(batches)  # (N, H, W, 3) uint8
+    rows = images.reshape(len(classes), per_class, *images.shape[1:]).swapaxes(1, 2)  # (rows, H, per_class, W, 3)
+    Image.fromarray(rows.reshape(rows.shape[0] * rows.shape[1], -1, 3)).save(path)
+    print(f"wrote {path}; {(time.perf_counter() - start) / len(labels):.3f} s/image (first batch included)")
+
+
+def grid(model, tok, kw, args, device):
+    """One row per class (--classes, default DiT's 8 or all if <= 16), --per-class images in each."""
     classes = args.classes or (list(range(model.num_classes)) if model.num_classes <= 16 else GRID_CLASSES)
-    labels, start = torch.tensor(classes).repeat_interleave(args.per_class), time.perf_counter()
-    images = np.concatenate([generate(model, tok, rows, kw, batch_seed(args.seed, j), device)
-                             for j, rows in enumerate(labels.split(args.batch_size))])
-    rows = images.reshape(len(classes), args.per_class, *images.shape[1:]).swapaxes(1, 2)  # (rows, H, per_class, W, 3)
-    Image.fromarray(rows.reshape(rows.shape[0] * rows.shape[1], -1, 3)).save(args.grid)
-    print(f"wrote {args.grid}; {(time.perf_counter() - start) / len(labels):.3f} s/image (first batch included)")
+    save_grid(model, tok, classes, args.per_class, kw, args.seed, args.batch_size, args.grid, device)
 
 
 def bulk(model, tok, kw, args, rank, world, device):

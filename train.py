@@ -169,8 +169,8 @@ def evaluate(ema, tok, args, step, device, logger, metric=None):
     kw = dict(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule, head_steps=args.head_steps,
               cfg_interval=tuple(args.cfg_interval))  # DPM-Solver head, as the official evaluation
     path = Path(args.results_dir) / f"grid_{step:07d}.png"
-    sample.grid(ema, tok, kw, argparse.Namespace(classes=None, per_class=args.grid_per_class, batch_size=EVAL_BATCH,
-                                                 seed=args.seed, grid=str(path)), device)
+    classes = list(range(ema.num_classes)) if ema.num_classes <= 16 else list(sample.GRID_CLASSES)
+    sample.save_grid(ema, tok, classes, args.grid_per_class, kw, args.seed, EVAL_BATCH, str(path), device)
     logger.info(f"step {step}: EMA grid -> {path}")
     result = {"grid": str(path)}
     if metric is not None:
