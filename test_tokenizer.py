@@ -1,6 +1,7 @@
-"""Tests for tokenizer.py: the KL-16 VAE equals MAR's (reference vectors: exact in fp64, within fp32 rounding in fp32),
-the key layout of kl16.ckpt, strict loading with one-line errors, exact pixel round trip, DC-AE through diffusers,
-the latent cache (its command line, its ranks, its bad inputs) and Fashion-MNIST loading.
+"""Tests for tokenizer.py: the KL-16 VAE equals MAR's (reference vectors: exact in fp64,
+within fp32 rounding in fp32), the key layout of kl16.ckpt, strict loading with one-line
+errors, exact pixel round trip, DC-AE through diffusers, the latent cache (its command
+line, its ranks, its bad inputs) and Fashion-MNIST loading.
 Run: python -m pytest -q test_tokenizer.py"""
 import gzip
 import hashlib
@@ -18,13 +19,16 @@ from PIL import Image
 import tokenizer as T
 
 DATA = Path(__file__).parent / "testdata"
-# fp32 comparisons: a result computed in fp32 is compared with the exact (fp64) result, and may be off by MARGIN times
-# the reference code's own fp32 error on the same inputs (measured in each test from the reference file: MAR's fp32
-# against the exact result), or by MARGIN fp32 ulps where that is larger. fp32 rounding in another summation order
-# (thread count, oneDNN or not, another CPU or conv algorithm) has that size: on the machine that wrote this, ours
-# was 0.5-0.7 x MAR's own error with 1 and 2 threads, with and without oneDNN. Real bugs are far above the bound:
-# GroupNorm eps 1e-5 instead of 1e-6 gives 72 x MAR's error on encode (1.8e-4, vae_facts.md), half precision in one
-# activation 130-175 x (4.4e-4 on encode, 1.0e-3 on decode), bfloat16 there 900 x (measured with this file's data).
+# fp32 comparisons: a result computed in fp32 is compared with the exact (fp64) result, and
+# may be off by MARGIN times the reference code's own fp32 error on the same inputs
+# (measured in each test from the reference file: MAR's fp32 against the exact result), or
+# by MARGIN fp32 ulps where that is larger. fp32 rounding in another summation order (thread
+# count, oneDNN or not, another CPU or conv algorithm) has that size: on the machine that
+# wrote this, ours was 0.5-0.7 x MAR's own error with 1 and 2 threads, with and without
+# oneDNN. Real bugs are far above the bound: GroupNorm eps 1e-5 instead of 1e-6 gives 72 x
+# MAR's error on encode (1.8e-4, vae_facts.md), half precision in one activation 130-175 x
+# (4.4e-4 on encode, 1.0e-3 on decode), bfloat16 there 900 x (measured with this file's
+# data).
 MARGIN = 8.0
 FP32_ULP = 2.0 ** -23
 
@@ -34,7 +38,7 @@ def rel_err(a, b):
 
 
 def fp32_bound(reference_fp32, exact):
-    """MARGIN x the reference code's own fp32 error on these inputs (at least one fp32 ulp)."""
+    """MARGIN x the reference code's own fp32 error on these inputs (at least 1 ulp)."""
     return MARGIN * max(rel_err(reference_fp32, exact), FP32_ULP)
 
 
@@ -46,8 +50,9 @@ def one_line(excinfo):
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny tensors: 1 thread is as fast, and far faster when the 2 cores are shared (2 OpenMP threads then stall:
-    75 s instead of 33 s for this file). test_kl16_fp32_within_rounding runs with 1 and with 2 threads."""
+    """Tiny tensors: 1 thread is as fast, and far faster when the 2 cores are shared (2
+    OpenMP threads then stall: 75 s instead of 33 s for this file).
+    test_kl16_fp32_within_rounding runs with 1 and with 2 threads."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -56,7 +61,8 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def restore_global_state():
-    """No test leaves the thread count, the default dtype or the global RNG changed for the tests after it."""
+    """No test leaves the thread count, the default dtype or the global RNG changed for
+    the tests after it."""
     threads = torch.get_num_threads()
     dtype = torch.get_default_dtype()
     rng = torch.get_rng_state()
@@ -90,11 +96,12 @@ def vae_outputs(vae, x, z):
                 "decode_z": vae.decode_latent(z), "decode_mean": vae.decode_latent(posterior.mean)}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 # KL-16 VAE
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 def posterior_closed_form(parameters):
-    """MAR's DiagonalGaussianDistribution written out (vae_facts.md), in float64: mean, logvar, std, var, kl."""
+    """MAR's DiagonalGaussianDistribution written out (vae_facts.md), in float64: mean,
+    logvar, std, var, kl."""
     p = parameters.double()
     mean = p[:, :p.shape[1] // 2]
     logvar = p[:, p.shape[1] // 2:].clamp(-30.0, 20.0)
@@ -105,9 +112,10 @@ def posterior_closed_form(parameters):
 
 @pytest.fixture(scope="module")
 def exact(ref, tiny_vae):
-    """The exact outputs, none taken from the code under test alone: MAR's float64 moments and decode_z; mean,
-    logvar and std from those moments in closed form; decode_mean by our float64 decoder on that mean (the decoder
-    that test_kl16_fp64_equals_mar proves equal to MAR's)."""
+    """The exact outputs, none taken from the code under test alone: MAR's float64
+    moments and decode_z; mean, logvar and std from those moments in closed form;
+    decode_mean by our float64 decoder on that mean (the decoder that
+    test_kl16_fp64_equals_mar proves equal to MAR's)."""
     moments = ref["outputs_fp64"]["moments"]
     posterior = posterior_closed_form(moments)
     vae64 = T.KL16VAE(ch=ref["config"]["ch"]).double()
@@ -119,8 +127,8 @@ def exact(ref, tiny_vae):
 
 
 def test_kl16_fp64_equals_mar(ref, tiny_vae, exact):
-    """The proof is fp64: our float64 VAE equals MAR's float64 run to <= 1e-9 (measured: 1e-15 on encode, 1e-14 on
-    decode), on any CPU."""
+    """The proof is fp64: our float64 VAE equals MAR's float64 run to <= 1e-9 (measured:
+    1e-15 on encode, 1e-14 on decode), on any CPU."""
     vae64 = T.KL16VAE(ch=ref["config"]["ch"]).double()
     vae64.load_state_dict(tiny_vae.state_dict())
     ours = vae_outputs(vae64, ref["inputs"]["x"].double(), ref["inputs"]["z"].double())
@@ -131,10 +139,11 @@ def test_kl16_fp64_equals_mar(ref, tiny_vae, exact):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kl16_fp32_within_rounding(ref, tiny_vae, exact, threads):
-    """fp32: each output is within fp32_bound of the exact result, i.e. MARGIN x MAR's own fp32 error on the same
-    inputs (measured here from the reference file: 2.5e-6 on the moments, 7.9e-6 on decode_z, 1.4e-5 on decode_mean),
-    so our fp32 and MAR's fp32 differ by at most (MARGIN + 1) x that error, whatever the CPU's summation order
-    (the thread count changes it; the fixture restores the count)."""
+    """fp32: each output is within fp32_bound of the exact result, i.e. MARGIN x MAR's
+    own fp32 error on the same inputs (measured here from the reference file: 2.5e-6 on
+    the moments, 7.9e-6 on decode_z, 1.4e-5 on decode_mean), so our fp32 and MAR's fp32
+    differ by at most (MARGIN + 1) x that error, whatever the CPU's summation order (the
+    thread count changes it; the fixture restores the count)."""
     torch.set_num_threads(threads)
     ours = vae_outputs(tiny_vae, ref["inputs"]["x"], ref["inputs"]["z"])
     for k, value in ours.items():
@@ -146,8 +155,9 @@ def test_kl16_fp32_within_rounding(ref, tiny_vae, exact, threads):
 
 
 def test_diagonal_gaussian_reference(ref):
-    """mean, logvar (clamped) and mode are exact; std, var and kl are exp and sums in fp32: each within fp32_bound
-    of the closed form in fp64 (MAR's own fp32 error there: 2e-8 to 6e-8, below one ulp)."""
+    """mean, logvar (clamped) and mode are exact; std, var and kl are exp and sums in
+    fp32: each within fp32_bound of the closed form in fp64 (MAR's own fp32 error there:
+    2e-8 to 6e-8, below one ulp)."""
     case = ref["diagonal_gaussian"]
     d = T.DiagonalGaussianDistribution(case["parameters"])
     for k in ("mean", "logvar"):
@@ -176,8 +186,9 @@ def test_kl16_key_layout_is_the_manifest(ref):
 
 
 def test_kl16_interface(ref, tiny_vae):
-    """Exact identities, no tolerance: tokens are the mean x 0.2325 in row-major order, decode divides by 0.2325 and
-    decodes, and (m x 0.2325) / 0.2325 is m to within two fp32 roundings."""
+    """Exact identities, no tolerance: tokens are the mean x 0.2325 in row-major order,
+    decode divides by 0.2325 and decodes, and (m x 0.2325) / 0.2325 is m to within two
+    fp32 roundings."""
     x = ref["inputs"]["x"]
     with torch.no_grad():
         mean = tiny_vae.encode_moments(x)[:, :16]
@@ -226,9 +237,9 @@ def test_kl16_loads_from_path_strictly(ref, tiny_vae, tmp_path):
     assert "--vae" in one_line(e)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 # Pixel tokenizer and DC-AE
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 def test_pixel_tokenizer_round_trip_is_exact():
     tok = T.load_tokenizer("pixel", patch=4, img_size=28, in_channels=1)
     assert (tok.channels, tok.stride, tok.seq_len(28)) == (16, 4, 49)
@@ -260,7 +271,8 @@ def tiny_dcae():
 
 
 def test_dcae_through_diffusers(tmp_path):
-    """Our DC-AE is diffusers' model read back from disk: the same computation, so equal, with no tolerance."""
+    """Our DC-AE is diffusers' model read back from disk: the same computation, so equal,
+    with no tolerance."""
     pytest.importorskip("diffusers", reason="the DC-AE test needs diffusers (optional): pip install diffusers")
     model = tiny_dcae()
     model.save_pretrained(tmp_path / "dcae")
@@ -293,9 +305,9 @@ def test_dcae_without_diffusers_is_a_clear_error(monkeypatch, tmp_path):
     assert "pip install diffusers" in one_line(e)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 # Caching
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 def test_center_crop_is_adm():
     rng = np.random.default_rng(0)
     blocks = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
@@ -327,7 +339,8 @@ def cache_setup(tmp_path, ref, monkeypatch):
 
 
 def cache_args(tmp, **flags):
-    """The cache command line on the test tree (5 images, 3 shards of 2), with some flags replaced."""
+    """The cache command line on the test tree (5 images, 3 shards of 2), with some flags
+    replaced."""
     args = {"data_path": tmp / "imgs", "out": tmp / "cache", "vae": tmp / "kl16.ckpt", "img_size": 32,
             "batch_size": 2, "shard_size": 2, "num_workers": 0}
     args.update(flags)
@@ -350,7 +363,8 @@ def test_cache_write_read_round_trip(cache_setup, tiny_vae):
     assert folder.classes == ["n0", "n1"]
     images = torch.stack([folder[i][0] for i in range(n)])  # (5, 3, 32, 32), ADM crop, [-1, 1]
     assert [folder[i][1] for i in range(n)] == [0, 0, 0, 1, 1]
-    # the same batches as the cache (2, 2, 1 images), in this process: the same computation, so equal
+    # the same batches as the cache (2, 2, 1 images), in this process: the same computation,
+    # so equal
     with torch.no_grad():
         moments = torch.cat([tiny_vae.encode_moments(images[i:i + 2]) for i in (0, 2, 4)])
         moments_flip = torch.cat([tiny_vae.encode_moments(images[i:i + 2].flip(3)) for i in (0, 2, 4)])
@@ -370,16 +384,19 @@ def test_cache_write_read_round_trip(cache_setup, tiny_vae):
     mean_tokens = T.patchify(moments[:, :16] * T.KL16_SCALE)
     assert torch.equal(tokens, mean_tokens)
 
-    # flips are drawn with probability 1/2: in 40 draws each side shows up >= 8 times but with probability 2e-5
+    # flips are drawn with probability 1/2: in 40 draws each side shows up >= 8 times but
+    # with probability 2e-5
     torch.manual_seed(0)
     flip_tokens = T.patchify(moments_flip[:, :16] * T.KL16_SCALE)
     ds_flip = T.CachedLatents(tmp / "cache", sample=False)
     draws = [ds_flip[3][0] for _ in range(40)]
-    seen = [sum(torch.equal(t, mean_tokens[3]) for t in draws), sum(torch.equal(t, flip_tokens[3]) for t in draws)]
+    seen = [sum(torch.equal(t, mean_tokens[3]) for t in draws),
+            sum(torch.equal(t, flip_tokens[3]) for t in draws)]
     assert seen[0] + seen[1] == 40
     assert min(seen) >= 8, seen
-    # posterior samples are mean + std * N(0, 1) around the clamped posterior: 128,000 normalised draws have mean
-    # within 0.05 of 0 (18 standard errors) and std within 0.05 of 1 (25 standard errors)
+    # posterior samples are mean + std * N(0, 1) around the clamped posterior: 128,000
+    # normalised draws have mean within 0.05 of 0 (18 standard errors) and std within 0.05
+    # of 1 (25 standard errors)
     post = T.DiagonalGaussianDistribution(moments[:, None].expand(-1, 400, -1, -1, -1).reshape(-1, 32, 2, 2))
     ds_sample = T.CachedLatents(tmp / "cache", flip=False)
     draws = torch.stack([ds_sample[i][0] for i in range(n) for _ in range(400)])  # (n * 400, 4, 16)
@@ -389,7 +406,8 @@ def test_cache_write_read_round_trip(cache_setup, tiny_vae):
 
 
 def snapshot(root):
-    """Every file under root with its size, modification time and content hash, and every folder."""
+    """Every file under root with its size, modification time and content hash, and every
+    folder."""
     files = {}
     folders = set()
     for dirpath, dirnames, filenames in os.walk(root):
@@ -425,8 +443,8 @@ def test_cache_ranks_and_rerun(cache_setup, capsys):
 
 
 def test_cache_torchrun_two_ranks(cache_setup):
-    """The real distributed path: torchrun, 2 CPU processes (gloo), each writing its own shards; the shards equal a
-    one-process run with the same thread count (1), exactly."""
+    """The real distributed path: torchrun, 2 CPU processes (gloo), each writing its own
+    shards; the shards equal a one-process run with the same thread count (1), exactly."""
     tmp, _ = cache_setup
     torch.set_num_threads(1)  # as each torchrun worker (the fixture restores it)
     T.main(cache_args(tmp))
@@ -435,7 +453,8 @@ def test_cache_torchrun_two_ranks(cache_setup):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", T.__file__]
     r = subprocess.run(command + argv, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    # each shard written (and logged) once, by its own rank: 0 writes shards 1 and 3 of 3, rank 1 shard 2
+    # each shard written (and logged) once, by its own rank: 0 writes shards 1 and 3 of 3,
+    # rank 1 shard 2
     assert r.stdout.count(" images -> ") == 3, r.stdout
     assert "skipping" not in r.stdout
     for s in range(3):
@@ -451,8 +470,8 @@ def test_cache_torchrun_two_ranks(cache_setup):
 
 @pytest.fixture(scope="module")
 def cli_tree(tmp_path_factory, ref):
-    """A test tree with an existing, incomplete cache (shards 0 and 2 of 3: a run that wrongly went ahead would write
-    shard 1) and bad inputs of every kind."""
+    """A test tree with an existing, incomplete cache (shards 0 and 2 of 3: a run that
+    wrongly went ahead would write shard 1) and bad inputs of every kind."""
     root = tmp_path_factory.mktemp("cli")
     make_folder(root / "imgs")
     (root / "empty" / "n0").mkdir(parents=True)
@@ -545,9 +564,9 @@ def test_cached_latents_bad_folder(tmp_path):
     assert "tokenizer.py cache" in one_line(e)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 # Fashion-MNIST
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------
 def idx_bytes(arr):
     return bytes([0, 0, 8, arr.ndim]) + b"".join(d.to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
 
@@ -576,7 +595,8 @@ def test_fashion_mnist_sources(tmp_path, monkeypatch):
         assert y.dtype == torch.int64
         assert np.array_equal(x.numpy(), images)
         assert np.array_equal(y.numpy(), labels)
-    # no local files: download from the official source (here a file:// mirror) into the cache directory
+    # no local files: download from the official source (here a file:// mirror) into the
+    # cache directory
     monkeypatch.setattr(T, "FASHION_MNIST_URL", (tmp_path / "gzTrue").as_uri() + "/")
     x, _ = T.load_fashion_mnist("train")
     assert np.array_equal(x.numpy(), images)
