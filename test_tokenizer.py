@@ -331,8 +331,10 @@ def make_folder(root, sizes=((40, 48), (64, 96), (32, 32), (50, 40), (36, 80))):
 
 @pytest.fixture()
 def cache_setup(tmp_path, ref, monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process, whatever launched pytest
+    # one process on the CPU (the exact comparisons are with CPU results), whatever the machine
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     n = make_folder(tmp_path / "imgs")
     torch.save({"model": reference_state_dict(ref)}, tmp_path / "kl16.ckpt")
     return tmp_path, n
@@ -448,7 +450,7 @@ def test_cache_torchrun_two_ranks(cache_setup):
     tmp, _ = cache_setup
     torch.set_num_threads(1)  # as each torchrun worker (the fixture restores it)
     T.main(cache_args(tmp))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # 2 CPU processes (gloo)
     argv = cache_args(tmp, out=tmp / "cache2")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", T.__file__]
     r = subprocess.run(command + argv, capture_output=True, text=True, env=env, timeout=300)
