@@ -1,482 +1,599 @@
-"""Tokenizers: images <-> the continuous token sequences eMIGM models (arXiv 2503.07197, following MAR).
-
-The paper's experiments (as its official code) see images through a frozen autoencoder:
-  * ImageNet 256x256: MAR's KL-16 VAE (16 channels, stride 16 -> 16x16 = 256 tokens), latents x 0.2325;
-  * ImageNet 512x512: DC-AE f32c32 (32 channels, stride 32 -> 256 tokens), latents x 0.3189 (via diffusers);
-  * small data on a CPU (Fashion-MNIST, ours): no autoencoder; non-overlapping pixel patches are the tokens.
-All three share one interface: encode(images (B, C, H, W) in [-1, 1]) -> tokens (B, L, C'), decode(tokens) ->
-images, .channels, .stride, .seq_len(img_size). Tokens are row-major over (h, w), MAR's patchify order. Also here:
-latent caching (MAR's main_cache.py), the CachedLatents dataset train.py reads, and a Fashion-MNIST IDX loader.
-
-  python tokenizer.py cache --data-path imagenet/train --out cache/kl16-256 --vae pretrained/kl16.ckpt
-  torchrun --nproc_per_node=8 tokenizer.py cache ...   # each rank writes a disjoint set of shards
-  python tokenizer.py cache --tokenizer dcae --vae dc-ae-f32c32-in-1.0-diffusers --img-size 512 ...  # 512px
+"""Tokenizers of eMIGM (arXiv 2503.07197, Sec. 5; as MAR): images <-> continuous tokens.
+256px: MAR's KL-16 VAE (x 0.2325); 512px: DC-AE f32c32 (x 0.3189); small data: pixel patches.
+Then ImageFolder, Fashion-MNIST and the latent cache (MAR's main_cache.py):
+  python tokenizer.py cache --data-path imagenet/train --out cache/kl16-256 --vae kl16.ckpt
+  torchrun --nproc_per_node=8 tokenizer.py cache ...   # each rank writes its own shards
 Tests: python -m pytest -q test_tokenizer.py
 """
 import argparse
 import gzip
 import math
 import os
-import sys
 import urllib.request
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
-KL16_SCALE = 0.2325  # MAR: "normalises the latent std to 1"; tokens = latent * scale, decode(tokens / scale)
-DCAE_SCALE = 0.3189  # eMIGM's value for dc-ae-f32c32-in-1.0 (a code comment says 0.3156; 0.3189 is what runs)
-PIXEL_SCALE = 1.0  # [-1, 1] pixels: Fashion-MNIST has std 0.71, rms 0.83; a power of two keeps round trips exact
-LOGVAR_CLAMP = (-30.0, 20.0)  # MAR's DiagonalGaussianDistribution
-KL16_HELP = "get MAR's kl16.ckpt with LTH14/mar's util/download.py (download_pretrained_vae)"
-DCAE_HELP = "download mit-han-lab/dc-ae-f32c32-in-1.0-diffusers into a local directory and pass that directory"
+KL16_SCALE = 0.2325  # MAR: "normalises the latent std to 1"; tokens = latent x scale
+DCAE_SCALE = 0.3189  # eMIGM's (a code comment there says 0.3156)
+PIXEL_SCALE = 1.0  # pixels in [-1, 1] (Fashion-MNIST: std 0.71); exact round trips
+KL16_HELP = "get MAR's kl16.ckpt with LTH14/mar's util/download.py"
+DCAE_HELP = "pass a local copy of mit-han-lab/dc-ae-f32c32-in-1.0-diffusers"
+# Fashion-MNIST: a given path, else Debian's dataset-fashion-mnist, else the download
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_HELP = ("On an offline Debian/Ubuntu machine run: sudo apt-get install "
+                      "dataset-fashion-mnist (or pass a folder with the IDX .gz files)")
+FASHION_MNIST_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"),
+                           "emigm-mini", "fashion-mnist")
+FASHION_MNIST_PREFIX = {"train": "train", "test": "t10k"}  # of the file names
 
 
 def patchify(x, p=1):
-    """MAR's patchify ('nchpwq->nhwcpq'): x (B, C, H, W) -> tokens (B, (H/p)(W/p), C p p), row-major over (h, w)."""
+    """MAR's patchify: x (B, C, H, W) -> (B, (H/p)(W/p), C p p), row-major."""
     B, C, H, W = x.shape
-    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+    x = x.reshape(B, C, H // p, p, W // p, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
     return x.reshape(B, (H // p) * (W // p), C * p * p)
 
 
 def unpatchify(tokens, p=1):
-    """Inverse of patchify for a square grid: tokens (B, L, C p p) -> (B, C, H, W)."""
+    """patchify's inverse, square grids: tokens (B, L, C p p) -> (B, C, H, W)."""
     B, L, D = tokens.shape
-    h, c = math.isqrt(L), D // (p * p)
+    h = math.isqrt(L)
     if h * h != L:
-        raise ValueError(f"cannot unpatchify {L} tokens: expected a square grid (L = h*h)")
-    x = tokens.reshape(B, h, h, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
-    return x.reshape(B, c, h * p, h * p)
+        raise ValueError(f"cannot unpatchify {L} tokens: L must be a square")
+    x = tokens.reshape(B, h, h, D // (p * p), p, p)
+    x = x.permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
+    return x.reshape(B, D // (p * p), h * p, h * p)
 
 
-# ==== KL-16 VAE: MAR's models/vae.py (the LDM AutoencoderKL), same modules and state_dict keys as kl16.ckpt =======
-def swish(x):
-    return x * torch.sigmoid(x)  # as MAR writes it (F.silu rounds differently in the last bit)
+# ---- KL-16 VAE: MAR's models/vae.py (LDM's AutoencoderKL), with the keys of kl16.ckpt
+def nonlinearity(x):
+    return x * torch.sigmoid(x)  # swish, as MAR writes it (F.silu rounds differently)
 
 
-def Normalize(c):
-    return nn.GroupNorm(32, c, eps=1e-6)  # eps 1e-6, not PyTorch's 1e-5 (a measurable difference)
+def Normalize(in_channels):
+    return nn.GroupNorm(32, in_channels, eps=1e-6)  # 32 groups; eps not PyTorch's 1e-5
 
 
-class ResnetBlock(nn.Module):
-    def __init__(self, cin, cout):
+class ResnetBlock(nn.Module):  # no time embedding, dropout 0
+    def __init__(self, in_channels, out_channels):
         super().__init__()
-        self.norm1, self.conv1 = Normalize(cin), nn.Conv2d(cin, cout, 3, 1, 1)
-        self.norm2, self.conv2 = Normalize(cout), nn.Conv2d(cout, cout, 3, 1, 1)
-        if cin != cout:
-            self.nin_shortcut = nn.Conv2d(cin, cout, 1)  # 1x1 projection of the residual when widths change
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
-    def forward(self, x):  # (B, cin, H, W) -> (B, cout, H, W); no time embedding, dropout 0
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(swish(self.norm2(h)))
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
+    def forward(self, x):
+        h = self.conv1(nonlinearity(self.norm1(x)))
+        h = self.conv2(nonlinearity(self.norm2(h)))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, 1x1-conv projections, residual."""
-    def __init__(self, c):
+    def __init__(self, in_channels):
         super().__init__()
-        self.norm = Normalize(c)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+        self.norm = Normalize(in_channels)
+        self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1)
 
     def forward(self, x):
         h = self.norm(x)
         B, C, H, W = x.shape
-        q = self.q(h).reshape(B, C, H * W).transpose(1, 2)  # (B, HW, C)
-        k, v = self.k(h).reshape(B, C, H * W), self.v(h).reshape(B, C, H * W)  # (B, C, HW)
-        w = torch.softmax(torch.bmm(q, k) * C ** -0.5, dim=2)  # (B, HW query, HW key)
-        h = torch.bmm(v, w.transpose(1, 2)).reshape(B, C, H, W)
+        q = self.q(h).reshape(B, C, H * W).permute(0, 2, 1)  # (B, HW, C)
+        k = self.k(h).reshape(B, C, H * W)  # (B, C, HW)
+        v = self.v(h).reshape(B, C, H * W)  # (B, C, HW)
+        # single-head attention over the h*w positions: softmax(q^T k / sqrt(C))
+        w = torch.softmax(torch.bmm(q, k) * C ** -0.5, dim=2)  # (B, HW queries, HW keys)
+        h = torch.bmm(v, w.permute(0, 2, 1)).reshape(B, C, H, W)
         return x + self.proj_out(h)
 
 
-class Resample(nn.Module):
-    """Down: zero-pad one column right and one row at the bottom (not padding=1), 3x3 conv stride 2. Up: nearest x2."""
-    def __init__(self, c, down):
-        super().__init__()
-        self.down, self.conv = down, nn.Conv2d(c, c, 3, 2 if down else 1, 0 if down else 1)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class Level(nn.Module):
-    """One resolution: n ResNet blocks (each + attention where MAR has it), then resample under MAR's name, if any."""
-    def __init__(self, cin, cout, n, attn, resample):
-        super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(cin if j == 0 else cout, cout) for j in range(n))
-        self.attn = nn.ModuleList(AttnBlock(cout) for _ in range(n if attn else 0))  # empty: no keys
-        self.resample = resample
-        if resample:
-            self.add_module(resample, Resample(cout, down=resample == "downsample"))
-
-    def forward(self, h):
-        for j, block in enumerate(self.block):
-            h = self.attn[j](block(h)) if len(self.attn) else block(h)
-        return getattr(self, self.resample)(h) if self.resample else h
-
-
-def mid_block(c):  # ResNet, attention, ResNet at the lowest resolution; keys mid.block_1, mid.attn_1, mid.block_2
-    return nn.Sequential(OrderedDict(block_1=ResnetBlock(c, c), attn_1=AttnBlock(c), block_2=ResnetBlock(c, c)))
+def mid_block(channels):
+    # the lowest resolution of Encoder and Decoder: ResNet, attention, ResNet
+    blocks = dict(block_1=ResnetBlock(channels, channels), attn_1=AttnBlock(channels),
+                  block_2=ResnetBlock(channels, channels))
+    return nn.Sequential(OrderedDict(blocks))
 
 
 class Encoder(nn.Module):
-    def __init__(self, ch, ch_mult, z_channels, num_res_blocks=2, resolution=256, attn_resolutions=(16,)):
+    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                 resolution=256, z_channels=16):
         super().__init__()
-        w, n = [ch] + [ch * m for m in ch_mult], len(ch_mult)
-        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
-        # attention where the *nominal* resolution (from the 256px config) is 16, whatever the input size
-        self.down = nn.Sequential(*(Level(w[i], w[i + 1], num_res_blocks, resolution // 2 ** i in attn_resolutions,
-                                          "downsample" if i < n - 1 else None) for i in range(n)))
-        self.mid = mid_block(w[-1])
-        self.norm_out, self.conv_out = Normalize(w[-1]), nn.Conv2d(w[-1], 2 * z_channels, 3, 1, 1)
+        self.conv_in = nn.Conv2d(3, ch, kernel_size=3, padding=1)
+        block_in = ch
+        self.down = nn.ModuleList()
+        for i_level, mult in enumerate(ch_mult):
+            down = nn.Module()
+            down.block = nn.ModuleList()
+            down.attn = nn.ModuleList()
+            for i_block in range(num_res_blocks):
+                down.block.append(ResnetBlock(block_in, ch * mult))
+                block_in = ch * mult
+                # attention where the 256px config's resolution is 16, whatever the input
+                if resolution // 2 ** i_level in attn_resolutions:
+                    down.attn.append(AttnBlock(block_in))
+            if i_level != len(ch_mult) - 1:
+                # pad a zero column right and a zero row below (not padding=1)
+                conv = nn.Conv2d(block_in, block_in, kernel_size=3, stride=2)
+                down.downsample = nn.Sequential(OrderedDict(pad=nn.ZeroPad2d((0, 1, 0, 1)), conv=conv))
+            self.down.append(down)
+        self.mid = mid_block(block_in)
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels, kernel_size=3, padding=1)
 
-    def forward(self, x):  # (B, 3, H, W) -> (B, 2 z, H/16, W/16)
-        return self.conv_out(swish(self.norm_out(self.mid(self.down(self.conv_in(x))))))
+    def forward(self, x):
+        h = self.conv_in(x)
+        for down in self.down:
+            for i_block, block in enumerate(down.block):
+                h = block(h)
+                if len(down.attn) > 0:
+                    h = down.attn[i_block](h)
+            if hasattr(down, "downsample"):
+                h = down.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(nonlinearity(self.norm_out(h)))  # (B, 2 z, H/16, W/16)
 
 
-class Decoder(nn.Module):
-    def __init__(self, ch, ch_mult, z_channels, num_res_blocks=2):
+class Decoder(nn.Module):  # one more ResNet block per level, no attention
+    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=16):
         super().__init__()
-        w, n = [ch * m for m in ch_mult], len(ch_mult)
-        self.conv_in = nn.Conv2d(z_channels, w[-1], 3, 1, 1)
-        self.mid = mid_block(w[-1])
-        # index i = level i, run from the last level down to 0; one more ResNet block than the encoder, no attention
-        self.up = nn.ModuleList(Level(w[min(i + 1, n - 1)], w[i], num_res_blocks + 1, False,
-                                      "upsample" if i > 0 else None) for i in range(n))
-        self.norm_out, self.conv_out = Normalize(w[0]), nn.Conv2d(w[0], 3, 3, 1, 1)
+        block_in = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, padding=1)
+        self.mid = mid_block(block_in)
+        # built from the lowest level up, prepended: self.up[i] is level i
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(len(ch_mult))):
+            up = nn.Module()
+            up.block = nn.ModuleList()
+            for i_block in range(num_res_blocks + 1):
+                up.block.append(ResnetBlock(block_in, ch * ch_mult[i_level]))
+                block_in = ch * ch_mult[i_level]
+            if i_level != 0:
+                # nearest-neighbour x2, then a 3x3 conv
+                conv = nn.Conv2d(block_in, block_in, kernel_size=3, padding=1)
+                up.upsample = nn.Sequential(OrderedDict(interpolate=nn.Upsample(scale_factor=2.0), conv=conv))
+            self.up.insert(0, up)
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, 3, kernel_size=3, padding=1)
 
-    def forward(self, z):  # (B, z, h, w) -> (B, 3, 16h, 16w); no tanh or clamp: nominally in [-1, 1]
+    def forward(self, z):
         h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        for up in reversed(self.up):
+            for block in up.block:
+                h = block(h)
+            if hasattr(up, "upsample"):
+                h = up.upsample(h)
+        return self.conv_out(nonlinearity(self.norm_out(h)))  # (B, 3, 16h, 16w), no clamp
 
 
-class DiagonalGaussian:
-    """MAR's DiagonalGaussianDistribution: moments (B, 2C, h, w) = [mean | logvar], logvar clamped to [-30, 20]."""
-    def __init__(self, moments):
-        self.parameters = moments  # unclamped: what caching stores
-        self.mean, logvar = moments.chunk(2, dim=1)
-        self.logvar = logvar.clamp(*LOGVAR_CLAMP)
-        self.std, self.var = torch.exp(0.5 * self.logvar), torch.exp(self.logvar)
+class DiagonalGaussianDistribution:
+    """MAR's posterior: parameters (B, 2C, h, w) = [mean | logvar], logvar clamped."""
+    def __init__(self, parameters):
+        self.parameters = parameters  # unclamped: what the latent cache stores
+        self.mean, self.logvar = torch.chunk(parameters, 2, dim=1)
+        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
 
     def sample(self, generator=None):
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
         return self.mean + self.std * noise
 
     def mode(self):
         return self.mean
 
-    def latent(self, sample=True, generator=None):  # what training sees: a posterior sample (MAR), or the mean
-        return self.sample(generator) if sample else self.mode()
-
     def kl(self):
         return 0.5 * torch.sum(self.mean ** 2 + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
+# ---- The tokenizers: KL-16 (x 0.2325), DC-AE f32c32 (x 0.3189), pixel patches
 class Tokenizer(nn.Module):
-    """The interface above. Subclasses map images to an unscaled latent grid and back (encode_latent, decode_latent)
-    and set channels, stride, scale; tokens are the grid's patches (1x1 for autoencoders) times the scale."""
-    patch, in_channels = 1, 3  # autoencoders: RGB in, one token per latent position
+    """Tokens: patches of a latent grid x scale. A subclass sets kind, scale, channels,
+    stride and maps images to the grid and back."""
+    patch = 1  # autoencoders: one token per latent position
+    in_channels = 3
 
     def seq_len(self, img_size):
         return (img_size // self.stride) ** 2
 
-    def encode(self, images, sample=True, generator=None):  # (B, c, H, W) in [-1, 1] -> tokens (B, L, C)
-        s, shape = self.stride, tuple(images.shape)
-        if len(shape) != 4 or shape[1] != self.in_channels or shape[2] % s or shape[3] % s:
-            raise ValueError(f"expected images (B, {self.in_channels}, H, W) with H, W multiples of {s}, got {shape}")
-        return patchify(self.encode_latent(images, sample, generator) * self.scale, self.patch)
+    def encode(self, images, sample=True, generator=None):
+        B, c, H, W = images.shape  # in [-1, 1]
+        if c != self.in_channels or H % self.stride or W % self.stride:
+            raise ValueError(f"images {tuple(images.shape)}: expected {self.in_channels} channels, "
+                             f"H and W multiples of {self.stride}")
+        latent = self.encode_latent(images, sample, generator)
+        return patchify(latent * self.scale, self.patch)  # (B, L, C)
 
-    def decode(self, tokens):  # (B, L, C) -> images (B, c, H, W)
+    def decode(self, tokens):
         return self.decode_latent(unpatchify(tokens / self.scale, self.patch))
 
 
 class KL16VAE(Tokenizer):
-    """MAR's AutoencoderKL(embed_dim=16, ch_mult=(1,1,2,2,4)); `ch` exposed so reduced-width copies can be built."""
-    kind, scale = "kl16", KL16_SCALE
+    """MAR's AutoencoderKL(embed_dim=16, ch_mult=(1, 1, 2, 2, 4)); `ch`: reduced widths."""
+    kind = "kl16"
+    scale = KL16_SCALE
 
     def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), embed_dim=16, num_res_blocks=2):
         super().__init__()
-        self.encoder, self.decoder = (net(ch, ch_mult, embed_dim, num_res_blocks) for net in (Encoder, Decoder))
-        self.quant_conv, self.post_quant_conv = (nn.Conv2d(c, c, 1) for c in (2 * embed_dim, embed_dim))
-        self.channels, self.stride = embed_dim, 2 ** (len(ch_mult) - 1)
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels=embed_dim)
+        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels=embed_dim)
+        self.quant_conv = nn.Conv2d(2 * embed_dim, 2 * embed_dim, kernel_size=1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, embed_dim, kernel_size=1)
+        self.channels = embed_dim
+        self.stride = 2 ** (len(ch_mult) - 1)
 
-    def encode_moments(self, images):  # (B, 3, H, W) in [-1, 1] -> unclamped [mean | logvar] (B, 2C, H/16, W/16)
-        return self.quant_conv(self.encoder(images))
+    def encode_moments(self, images):
+        return self.quant_conv(self.encoder(images))  # unclamped [mean | logvar] (B, 2C, h, w)
 
-    def encode_latent(self, images, sample=True, generator=None):  # -> (B, C, H/16, W/16)
-        return DiagonalGaussian(self.encode_moments(images)).latent(sample, generator)
+    def encode_latent(self, images, sample=True, generator=None):
+        posterior = DiagonalGaussianDistribution(self.encode_moments(images))
+        return posterior.sample(generator) if sample else posterior.mode()  # (B, C, H/16, W/16)
 
-    def decode_latent(self, z):  # (B, C, h, w) unscaled latent -> (B, 3, 16h, 16w)
-        return self.decoder(self.post_quant_conv(z))
+    def decode_latent(self, z):
+        return self.decoder(self.post_quant_conv(z))  # (B, 3, 16h, 16w), z unscaled
 
     @classmethod
     def from_checkpoint(cls, path):
-        """Load MAR's kl16.ckpt (weights under 'model') strictly, unlike MAR; width and latent size come from it."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"KL-16 VAE checkpoint {path} is not a file: {KL16_HELP}")
-        try:  # weights_only refuses pickled objects other than tensors and plain containers
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"cannot read {path} as a checkpoint of plain tensors ({type(e).__name__}); if you trust "
-                             f"it, re-save its 'model' dict with torch.save, else {KL16_HELP}") from None
-        sd = sd.get("model", sd) if isinstance(sd, dict) else {}  # MAR's layout; a bare state_dict works too
-        # an LDM training checkpoint may carry its discriminator/LPIPS under 'loss.': not part of the autoencoder
-        sd = {k: v for k, v in sd.items() if torch.is_tensor(v) and not k.startswith("loss.")}
-        ch, z = (sd[k].shape[0] if k in sd else d for k, d in [("encoder.conv_in.weight", 128),
-                                                                ("post_quant_conv.weight", 16)])
-        with torch.device("meta"):  # build without initialising 66M parameters; load_state_dict assigns the real ones
+        """MAR's kl16.ckpt (weights under 'model'), loaded strictly (not as MAR)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--vae {path} is not a file: {KL16_HELP}")
+        try:  # weights_only: plain tensors and containers, no pickled objects
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"--vae {path} is not a checkpoint of plain tensors "
+                             f"({type(error).__name__}; truncated?): {KL16_HELP}") from None
+        # or a bare state_dict; 'loss.*' (LDM's discriminator) is no autoencoder
+        state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else {}
+        state_dict = {k: v for k, v in state_dict.items()
+                      if torch.is_tensor(v) and not k.startswith("loss.")}
+        # width and latent size from the shapes; meta device: no time spent initialising
+        ch = state_dict.get("encoder.conv_in.weight", torch.empty(128)).shape[0]
+        z = state_dict.get("post_quant_conv.weight", torch.empty(16)).shape[0]
+        with torch.device("meta"):
             vae = cls(ch=ch, embed_dim=z)
-        want = vae.state_dict()
-        bad = {"missing": sorted(set(want) - set(sd)), "unexpected": sorted(set(sd) - set(want)),
-               "of the wrong shape": [k for k in want if k in sd and sd[k].shape != want[k].shape]}
-        if any(bad.values()):  # one line naming a few keys (torch's own error lists them all, over many lines)
-            found = ", ".join(f"{len(keys)} keys {what} {keys[:2]}" for what, keys in bad.items() if keys)
-            raise ValueError(f"{path} is not a KL-16 VAE checkpoint ({found}): {KL16_HELP}")
-        vae.load_state_dict(sd, strict=True, assign=True)
+        try:
+            vae.load_state_dict(state_dict, strict=True, assign=True)
+        except RuntimeError as error:
+            found = " ".join(str(error).split())[:200]
+            raise ValueError(f"--vae {path} is not a KL-16 VAE ({found}...): {KL16_HELP}") from None
         return vae.float().eval().requires_grad_(False)
 
 
-# ==== DC-AE f32c32 (512px) through diffusers, and the pixel tokenizer (small data, no autoencoder) ==================
 class DCAE(Tokenizer):
-    """diffusers' AutoencoderDC loaded from a local directory; deterministic latents x 0.3189 (official)."""
-    kind, scale = "dcae", DCAE_SCALE
+    """diffusers' AutoencoderDC from a local folder; deterministic latents."""
+    kind = "dcae"
+    scale = DCAE_SCALE
 
     def __init__(self, path):
         super().__init__()
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"--vae {path} holds no DC-AE config.json: {DCAE_HELP}")
         try:
             from diffusers import AutoencoderDC
+            self.model = AutoencoderDC.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
         except ImportError:
-            raise ImportError("DC-AE needs diffusers, an optional dependency: pip install diffusers") from None
-        if not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"no DC-AE (config.json) in {path}: {DCAE_HELP}")
-        self.model = AutoencoderDC.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+            raise ValueError("--tokenizer dcae needs diffusers: pip install diffusers") from None
+        except Exception as error:
+            raise ValueError(f"--vae {path}: {type(error).__name__}: {DCAE_HELP}") from None
         self.model.float().eval().requires_grad_(False)
-        cfg = self.model.config
-        self.channels, self.stride = cfg.latent_channels, 2 ** (len(cfg.encoder_block_out_channels) - 1)
+        self.channels = self.model.config.latent_channels
+        self.stride = 2 ** (len(self.model.config.encoder_block_out_channels) - 1)
 
-    def encode_latent(self, images, sample=False, generator=None):  # deterministic: `sample` is ignored
-        return self.model.encode(images).latent  # (B, C, H/32, W/32), unscaled
+    def encode_latent(self, images, sample=False, generator=None):
+        return self.model.encode(images).latent  # (B, C, H/32, W/32), deterministic
 
     def decode_latent(self, z):
         return self.model.decode(z).sample
 
 
 class PixelTokenizer(Tokenizer):
-    """Non-overlapping p x p pixel patches as tokens: 28x28 with p=4 gives 49 tokens of 16 values. Round trip exact."""
+    """No autoencoder: p x p pixel patches are the tokens (28x28, p=4: 49 tokens of 16)."""
     kind = "pixel"
 
     def __init__(self, patch=4, img_size=28, in_channels=1, scale=PIXEL_SCALE):
         super().__init__()
-        if img_size % patch:  # fail here, before a model is sized with seq_len(img_size)
+        if img_size % patch:  # checked before a model is sized with seq_len(img_size)
             raise ValueError(f"img_size {img_size} is not a multiple of patch {patch}")
-        self.patch, self.in_channels, self.scale = patch, in_channels, scale  # img_size: only checked
-        self.channels, self.stride = in_channels * patch * patch, patch
+        self.patch = patch
+        self.in_channels = in_channels
+        self.scale = scale
+        self.channels = in_channels * patch * patch
+        self.stride = patch
 
-    def encode_latent(self, x, sample=False, generator=None):  # no autoencoder: the latent grid is the image itself
-        return x
-    decode_latent = encode_latent
+    def encode_latent(self, images, sample=False, generator=None):
+        return images  # the latent grid is the image
+
+    def decode_latent(self, z):
+        return z
 
 
 def load_tokenizer(kind, path=None, **kwargs):
-    """'kl16' (path: kl16.ckpt) | 'dcae' (path: local diffusers dir) | 'pixel' (kwargs: patch, img_size, in_channels)"""
-    if kind not in ("kl16", "dcae", "pixel"):
-        raise ValueError(f"unknown tokenizer {kind!r}: choose 'kl16', 'dcae' or 'pixel'")
-    if kind != "pixel" and path is None:
-        raise ValueError(f"tokenizer {kind!r} needs a path (--vae): " + (KL16_HELP if kind == "kl16" else DCAE_HELP))
-    return PixelTokenizer(**kwargs) if kind == "pixel" else {"kl16": KL16VAE.from_checkpoint, "dcae": DCAE}[kind](path)
+    """'kl16' (path: kl16.ckpt), 'dcae' (a diffusers folder), 'pixel' (kwargs)."""
+    if kind == "pixel":
+        return PixelTokenizer(**kwargs)
+    if kind not in ("kl16", "dcae"):
+        raise ValueError(f"--tokenizer {kind!r}: choose 'kl16', 'dcae' or 'pixel'")
+    if path is None:
+        raise ValueError(f"--tokenizer {kind} needs --vae: {DCAE_HELP if kind == 'dcae' else KL16_HELP}")
+    return KL16VAE.from_checkpoint(path) if kind == "kl16" else DCAE(path)
 
 
-# ==== Latent caching (MAR's main_cache.py) and the dataset that reads it ==========================================
+# ---- Datasets: an ImageFolder tree with ADM's crop, and Fashion-MNIST
 def center_crop_arr(pil_image, image_size):
-    """ADM's center crop (used by MAR and eMIGM): halve with BOX while >= 2x, bicubic resize, center crop."""
+    """ADM's center crop (MAR, eMIGM): BOX halving while >= 2x, bicubic resize, crop."""
     while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+        half = tuple(x // 2 for x in pil_image.size)
+        pil_image = pil_image.resize(half, resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)
-    y, x = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    size = tuple(round(x * scale) for x in pil_image.size)
+    arr = np.array(pil_image.resize(size, resample=Image.BICUBIC))
+    y = (arr.shape[0] - image_size) // 2
+    x = (arr.shape[1] - image_size) // 2
     return arr[y:y + image_size, x:x + image_size]  # (S, S, 3) uint8
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """torchvision's ImageFolder order (sorted class dirs -> labels 0..K-1, sorted files), ADM crop, [-1, 1]."""
+    """torchvision's order (sorted class folders: labels 0..K-1), ADM's crop, [-1, 1]."""
     extensions = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
     def __init__(self, root, img_size=256):
-        root, self.img_size = Path(root), img_size
+        root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"--data-path {root} is not a directory: pass an ImageFolder DIR/<class>/<img>")
-        classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        self.samples = [(os.path.join(dirpath, f), label) for label, c in enumerate(classes)
-                        for dirpath, _, files in sorted(os.walk(root / c, followlinks=True))
-                        for f in sorted(files) if f.lower().endswith(self.extensions)]
+            raise FileNotFoundError(f"--data-path {root} is not a folder: pass DIR/<class>/<image>")
+        self.img_size = img_size
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.samples = []  # (path, label), as torchvision's
+        for label, name in enumerate(self.classes):
+            for folder, _, files in sorted(os.walk(root / name, followlinks=True)):
+                for file in sorted(files):
+                    if file.lower().endswith(self.extensions):
+                        self.samples.append((os.path.join(folder, file), label))
         if not self.samples:
-            raise FileNotFoundError(f"no images found under {root}: expected an ImageFolder tree "
-                                    f"{root}/<class>/<image>.jpg (one sub-directory per class)")
+            raise FileNotFoundError(f"--data-path {root} has no images: pass DIR/<class>/<image>")
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            arr = center_crop_arr(im.convert("RGB"), self.img_size)
-        x = torch.from_numpy(arr).permute(2, 0, 1).float().div(255)  # ToTensor
-        return (x - 0.5) / 0.5, label  # Normalize(0.5, 0.5) -> [-1, 1]
+        with Image.open(path) as image:
+            arr = center_crop_arr(image.convert("RGB"), self.img_size)
+        x = torch.from_numpy(arr).permute(2, 0, 1).float().div(255)  # ToTensor: (3, S, S)
+        return (x - 0.5) / 0.5, label  # Normalize(0.5, 0.5)
 
 
-def cache_latents(data_path, out, tok, *, img_size=256, batch_size=128, shard_size=10000, num_workers=8,
-                  rank=0, world_size=1, device="cpu", log=print):
-    """ImageFolder -> out/shard_XXXXX.pt; shard s is rank s % world_size's; a rerun skips finished shards."""
+def read_idx(path):
+    """IDX file (raw or .gz) -> uint8 array. Header: 0, 0, 8, ndim, sizes."""
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    ndim = data[3] if len(data) > 4 and data[:3] == b"\x00\x00\x08" else 0
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if ndim == 0 or len(data) != 4 + 4 * ndim + math.prod(shape):
+        raise ValueError(f"{path} is no complete uint8 IDX file: get it again")
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(split="train", path=None):
+    """-> (images uint8 (N, 28, 28), labels int64 (N,)); downloads go to `path` or our cache."""
+    if split not in FASHION_MNIST_PREFIX:
+        raise ValueError(f"Fashion-MNIST split {split!r}: choose 'train' or 'test'")
+    prefix = FASHION_MNIST_PREFIX[split]
+    names = {"images": f"{prefix}-images-idx3-ubyte", "labels": f"{prefix}-labels-idx1-ubyte"}
+    folders = [Path(folder) for folder in FASHION_MNIST_DIRS] + [FASHION_MNIST_CACHE]
+    if path is not None:
+        folders.insert(0, Path(path))
+    # raw or .gz (as Debian ships them), from the first folder that has them
+    files = [{k: d / (name + ext) for k, name in names.items()} for d in folders for ext in ("", ".gz")]
+    found = [f for f in files if all(file.is_file() for file in f.values())]
+    if not found:
+        # the official files (zalandoresearch's README), each whole or not at all
+        target = FASHION_MNIST_CACHE if path is None else Path(path)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            for name in names.values():
+                with urllib.request.urlopen(FASHION_MNIST_URL + name + ".gz", timeout=30) as response:
+                    (target / (name + ".part")).write_bytes(response.read())
+                os.replace(target / (name + ".part"), target / (name + ".gz"))
+        except Exception as error:
+            reason = f"Fashion-MNIST is not in {', '.join(map(str, folders))}; download: {error}"
+            raise FileNotFoundError(f"{' '.join(reason.split())}. {FASHION_MNIST_HELP}") from None
+        found = [{k: target / (name + ".gz") for k, name in names.items()}]
+    images = read_idx(found[0]["images"])  # (N, 28, 28)
+    labels = read_idx(found[0]["labels"])  # (N,)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{found[0]['images']} and its labels differ in size: get them again")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+# ---- The latent cache (MAR's main_cache.py) and the dataset that reads it
+def cache_latents(data_path, out, tok, *, img_size=256, batch_size=128, shard_size=10000,
+                  num_workers=8, rank=0, world_size=1, device="cpu", log=print):
+    """ImageFolder -> out/shard_XXXXX.pt: per image and its flip, KL-16's unclamped moments
+    (MAR) or DC-AE's latent. Shard s is rank s % world_size's; a rerun skips done shards."""
     if img_size % tok.stride:
-        raise ValueError(f"--img-size {img_size} is not a multiple of the tokenizer's stride {tok.stride}")
-    data, out, kind = ImageFolder(data_path, img_size), Path(out), tok.kind
-    n, num_shards, tok = len(data), math.ceil(len(data) / shard_size), tok.to(device)
-    # what a shard stores per image: KL-16's unclamped posterior moments (as MAR), DC-AE's latent (unscaled)
-    encode = torch.no_grad()(tok.encode_moments if kind == "kl16" else tok.encode_latent)
-    meta = dict(kind=kind, img_size=img_size, num_shards=num_shards, num_images=n)
-    out.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"--img-size {img_size}: pass a multiple of the VAE's stride {tok.stride}")
+    data = ImageFolder(data_path, img_size)
+    out = Path(out)
+    num_shards = math.ceil(len(data) / shard_size)
+    settings = dict(kind=tok.kind, img_size=img_size, shard_size=shard_size,
+                    num_shards=num_shards, num_images=len(data))
+    # before any work: --out is writable, and its shards have the same settings
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out} cannot be made ({error.strerror}): pass a new folder") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} is not writable: pass a folder you can write")
+    for path in sorted(out.glob("shard_*.pt")):
+        try:
+            shard = torch.load(path, mmap=True, weights_only=True)
+        except Exception as error:
+            raise ValueError(f"--out {out}: {path.name} is unreadable ({type(error).__name__}): "
+                             f"delete it, or pass a new --out") from None
+        old = {k: shard.get(k, v) for k, v in settings.items()}
+        if old != settings:
+            raise ValueError(f"--out {out} has shards made with {old}, not {settings}: use a new one")
+    tok = tok.to(device)
+    encode = tok.encode_moments if tok.kind == "kl16" else tok.encode_latent
     for s in range(rank, num_shards, world_size):
         path = out / f"shard_{s:05d}.pt"
         if path.exists():
-            old = torch.load(path, mmap=True, weights_only=True)
-            if any(old[k] != v for k, v in meta.items()):
-                raise ValueError(f"{out} holds a cache made with other settings ({ {k: old[k] for k in meta} }): "
-                                 f"use a new --out")
             log(f"shard {s + 1}/{num_shards} already done, skipping")
             continue
-        index = range(s * shard_size, min(n, (s + 1) * shard_size))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, index), batch_size=batch_size,
-                                             num_workers=num_workers, pin_memory=device != "cpu")
-        feats, labels = [], []
+        index = torch.arange(s * shard_size, min(len(data), (s + 1) * shard_size))
+        subset = torch.utils.data.Subset(data, index.tolist())
+        loader = torch.utils.data.DataLoader(subset, batch_size, num_workers=num_workers,
+                                             pin_memory=torch.device(device).type == "cuda")
+        features = []
+        labels = []
         for x, y in loader:
             x = x.to(device)  # (B, 3, S, S)
-            feats.append(torch.stack([encode(x), encode(x.flip(dims=[3]))], 1).float().cpu())  # (B, 2, K, h, w)
+            with torch.no_grad():
+                pair = [encode(x), encode(x.flip(dims=[3]))]
+            features.append(torch.stack(pair, dim=1).float().cpu())  # (B, 2, K, h, w)
             labels.append(y)
-        shard = dict(meta, shard=s, x=torch.cat(feats), labels=torch.cat(labels).long(), index=torch.tensor(index))
-        tmp = path.with_suffix(f".tmp{rank}")
-        torch.save(shard, tmp)
-        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written shard behind
+        shard = dict(settings, shard=s, x=torch.cat(features), labels=torch.cat(labels), index=index)
+        # atomic: a killed run never leaves a half-written shard behind
+        torch.save(shard, path.with_suffix(f".tmp{rank}"))
+        os.replace(path.with_suffix(f".tmp{rank}"), path)
         log(f"shard {s + 1}/{num_shards}: {len(index)} images -> {path}")
 
 
 class CachedLatents(torch.utils.data.Dataset):
-    """Cached shards -> (tokens (L, C) float32, label int64): the image or its flip at random and, for KL-16, a fresh
-    posterior sample (official training); sample=False gives the posterior mean, flip=False never flips."""
+    """Shards -> (tokens (L, C) float32, label int64): image or flip at random and, for KL-16,
+    a posterior sample (official training); or sample=False, flip=False."""
     def __init__(self, root, sample=True, flip=True):
         self.files = sorted(Path(root).glob("shard_*.pt"))
         if not self.files:
-            raise FileNotFoundError(f"no cached shards (shard_*.pt) in {root}: "
-                                    f"make them with python tokenizer.py cache --data-path DIR --out {root} --vae PATH")
+            raise FileNotFoundError(f"no shard_*.pt in {root}: make them with python tokenizer.py cache")
         self.shards = self.open()
-        first, done = self.shards[0], {sh["shard"] for sh in self.shards}
-        if len(done) != first["num_shards"] or any(sh["kind"] != first["kind"] for sh in self.shards):
-            missing = sorted(set(range(first["num_shards"])) - done)[:5]
-            raise ValueError(f"cache in {root} is incomplete (shards {missing} missing) or mixed: rerun the same "
-                             f"python tokenizer.py cache command (finished shards are skipped)")
-        self.kind, self.img_size, self.sample, self.flip = first["kind"], first["img_size"], sample, flip
-        self.scale = (KL16VAE if self.kind == "kl16" else DCAE).scale  # the tokenizer's own, not a second copy
-        self.offsets = np.cumsum([0] + [len(sh["labels"]) for sh in self.shards])
+        first = self.shards[0]
+        missing = sorted(set(range(first["num_shards"])) - {shard["shard"] for shard in self.shards})[:5]
+        if missing or any(shard["kind"] != first["kind"] for shard in self.shards):
+            raise ValueError(f"cache in {root} is mixed or incomplete (shards {missing} missing): "
+                             f"rerun its python tokenizer.py cache")
+        self.kind = first["kind"]
+        self.img_size = first["img_size"]
+        self.sample = sample
+        self.flip = flip
+        self.scale = KL16VAE.scale if self.kind == "kl16" else DCAE.scale  # the tokenizer's
+        self.offsets = np.cumsum([0] + [len(shard["labels"]) for shard in self.shards])
 
-    def open(self):  # memory-mapped: pages are read on access, shared by forked workers
-        return [torch.load(f, mmap=True, weights_only=True) for f in self.files]
+    def open(self):  # memory-mapped: read on access, shared by forked workers
+        return [torch.load(file, mmap=True, weights_only=True) for file in self.files]
 
-    def __getstate__(self):  # spawned workers re-open the files instead of receiving the tensors pickled
+    def __getstate__(self):  # spawned workers re-open the files (no tensors pickled)
         return dict(self.__dict__, shards=None)
 
     def __len__(self):
         return int(self.offsets[-1])
 
     def __getitem__(self, i):
-        self.shards = self.shards or self.open()
+        if self.shards is None:
+            self.shards = self.open()
         s = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        shard, j = self.shards[s], i - int(self.offsets[s])
-        f = int(torch.rand(()) < 0.5) if self.flip else 0  # horizontal-flip augmentation, in latent space
-        x = shard["x"][j, f].float()[None]  # (1, K, h, w)
-        x = DiagonalGaussian(x).latent(self.sample) if self.kind == "kl16" else x  # DC-AE: deterministic
-        return patchify(x * self.scale)[0], shard["labels"][j].long()  # (L, C), ()
+        j = i - int(self.offsets[s])
+        # horizontal flips, in latent space
+        flip = int(torch.rand(()) < 0.5) if self.flip else 0
+        x = self.shards[s]["x"][j, flip].float()[None]  # (1, K, h, w)
+        if self.kind == "kl16":
+            posterior = DiagonalGaussianDistribution(x)
+            x = posterior.sample() if self.sample else posterior.mode()
+        return patchify(x * self.scale)[0], self.shards[s]["labels"][j].long()  # (L, C), ()
 
 
-# ==== Fashion-MNIST (IDX files): a path, else Debian's dataset-fashion-mnist, else the official download ==========
-FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)  # apt-get install dataset-fashion-mnist (.gz files)
-FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # zalandoresearch's README
-FASHION_MNIST_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "emigm-mini" / "fashion-mnist"
-FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-                       "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+# ---- Command line. A leaf file: the value types and DDP set-up are copies of sample.py's
+def positive_int(text):
+    """A count: steps, K, batch sizes, images."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count: pass an integer >= 1")
+    return value
 
 
-def read_idx(path):
-    """An IDX file (optionally .gz) -> uint8 array. Header: 0, 0, 0x08 (ubyte), ndim, then big-endian sizes."""
-    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    ndim = data[3] if len(data) > 4 and data[:3] == b"\x00\x00\x08" else 0
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    if not ndim or len(data) != 4 + 4 * ndim + math.prod(shape):
-        raise ValueError(f"{path} is not a complete uint8 IDX file: delete it and get Fashion-MNIST again")
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+def nonnegative_int(text):
+    """A seed, or an interval where 0 means never."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: pass an integer >= 0")
+    return value
 
 
-def load_fashion_mnist(split="train", path=None):
-    """-> (images uint8 (N, 28, 28), labels int64 (N,)); a download goes into `path`, else into our cache."""
-    if split not in FASHION_MNIST_FILES:
-        raise ValueError(f"unknown Fashion-MNIST split {split!r}: choose 'train' or 'test'")
-    names = FASHION_MNIST_FILES[split]
-    dirs = [Path(d) for d in ([path] if path else []) + [*FASHION_MNIST_DIRS, FASHION_MNIST_CACHE]]
-
-    def files(d):  # raw or gzipped, as Debian ships them
-        return [next((p for p in (d / n, d / (n + ".gz")) if p.is_file()), None) for n in names]
-    found = next((f for f in map(files, dirs) if all(f)), None)
-    if found is None:
-        d = Path(path or FASHION_MNIST_CACHE)
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            for n in names:
-                with urllib.request.urlopen(FASHION_MNIST_URL + n + ".gz", timeout=30) as r:
-                    (d / (n + ".gz.part")).write_bytes(r.read())
-                os.replace(d / (n + ".gz.part"), d / (n + ".gz"))
-        except Exception as e:
-            raise FileNotFoundError(f"Fashion-MNIST ({split}) is not in {', '.join(map(str, dirs))} and the download "
-                                    f"failed ({type(e).__name__}: {' '.join(str(e).split())}): apt-get install "
-                                    f"dataset-fashion-mnist, or pass as path a directory holding {names[0]}.gz and "
-                                    f"{names[1]}.gz from github.com/zalandoresearch/fashion-mnist") from None
-        found = files(d)
-    images, labels = map(read_idx, found)
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"Fashion-MNIST files {found[0]} and {found[1]} do not fit together: get them again")
-    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+@dataclass
+class Distributed:
+    rank: int
+    world_size: int
+    device: torch.device
 
 
-# ==== Command line ================================================================================================
-def main(argv=None):
+def setup_distributed():
+    """DiT's set-up, made optional: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is one process."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the GPU of this process on its node (not the global rank)
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    return Distributed(rank, world_size, device)
+
+
+def run_cache(args):
+    # Setup DDP: each rank checks the flags, then writes its own shards
+    distributed = setup_distributed()
+    tok = load_tokenizer(args.tokenizer, args.vae)
+    cache_latents(args.data_path, args.out, tok, img_size=args.img_size, batch_size=args.batch_size,
+                  shard_size=args.shard_size, num_workers=args.num_workers, rank=distributed.rank,
+                  world_size=distributed.world_size, device=distributed.device)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("cache", help="encode an ImageFolder tree into latent shards (MAR's main_cache.py)")
-    p.add_argument("--data-path", required=True, help="ImageFolder root: DIR/<class>/<image>")
-    p.add_argument("--out", required=True, help="output directory for shard_XXXXX.pt")
-    p.add_argument("--vae", required=True, help="kl16.ckpt, or a local diffusers DC-AE directory")
-    p.add_argument("--tokenizer", default="kl16", choices=["kl16", "dcae"])
-    d = cache_latents.__kwdefaults__  # the defaults live in one place
-    p.add_argument("--img-size", type=int, default=d["img_size"])  # 256 for KL-16, 512 for DC-AE (the paper)
-    p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--shard-size", type=int, default=d["shard_size"])  # ImageNet: 129 shards of ~650 MB (KL-16 fp32)
-    p.add_argument("--num-workers", type=int, default=d["num_workers"])
-    args = vars(parser.parse_args(argv))
-    del args["command"]
-    # torchrun: ranks need no communication, only their share of the shards and their own GPU
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    log = print if rank == 0 else (lambda *a: None)
-    tok = load_tokenizer(args.pop("tokenizer"), args.pop("vae"))
-    cache_latents(tok=tok, rank=rank, world_size=world_size, device=device, log=log, **args)
+    commands = parser.add_subparsers(dest="command", required=True)
+    cache = commands.add_parser("cache", help="ImageFolder -> latent shards")
+    cache.add_argument("--data-path", required=True, help="DIR/<class>/<image>")
+    cache.add_argument("--out", required=True, help="folder of shard_XXXXX.pt (reruns skip done ones)")
+    cache.add_argument("--vae", required=True, help="kl16.ckpt, or a diffusers DC-AE folder")
+    cache.add_argument("--tokenizer", default="kl16", choices=["kl16", "dcae"])
+    defaults = cache_latents.__kwdefaults__  # the defaults live in one place
+    cache.add_argument("--img-size", type=positive_int, default=defaults["img_size"],
+                       help="256 for KL-16, 512 for DC-AE (the paper)")
+    cache.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"])
+    cache.add_argument("--shard-size", type=positive_int, default=defaults["shard_size"],
+                       help="ImageNet, KL-16: 129 shards of 650 MB")
+    cache.add_argument("--num-workers", type=nonnegative_int, default=defaults["num_workers"])
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run_cache(args)
+    except (ValueError, FileNotFoundError) as error:
+        message = " ".join(str(error).split())
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    main()
