@@ -262,9 +262,9 @@ WRAPPER_BLOCKS = [
 
 
 def reason(error):
-    """The type and first line of an exception, for a one-line message."""
-    lines = str(error).strip().splitlines() or [""]
-    return f"{type(error).__name__}: {lines[0][:160]}"
+    """The type and first sentence of an exception, for a one-line message."""
+    sentence = str(error).strip().split(". ")[0].split("\n")[0]
+    return f"{type(error).__name__}: {sentence[:100]}"
 
 
 def torch_load(path, allowed_globals=()):
@@ -362,8 +362,11 @@ def read_folder(folder, batch_size):
         raise ValueError(f"{folder}: no .png/.jpg/.jpeg images")
     chunks = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
     for chunk in chunks:
+        sizes = set()
         try:
-            sizes = {Image.open(file).size for file in chunk}
+            for file in chunk:
+                with Image.open(file) as image:
+                    sizes.add(image.size)
         except (UnidentifiedImageError, OSError) as error:
             raise ValueError(f"{folder}: an image cannot be read ({reason(error)})") from None
         if len(sizes) > 1:
@@ -391,10 +394,16 @@ def read_npz(path, batch_size):
         if version != (1, 0):
             read_header = np.lib.format.read_array_header_2_0
         shape, fortran_order, dtype = read_header(member)
+        whole = None
         if fortran_order or dtype != np.uint8:
-            return open_images(np.lib.format.read_array(archive.open("arr_0.npy")), batch_size)
+            whole = np.lib.format.read_array(archive.open("arr_0.npy"))
     except (ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path}: arr_0 cannot be read ({reason(error)})") from None
+    if whole is not None:
+        try:
+            return open_images(whole, batch_size)
+        except ValueError as error:
+            raise ValueError(f"{path}: arr_0: {error}") from None
     image_shape = check_images(np.broadcast_to(np.uint8(0), shape)).shape[1:]  # (H, W, C)
 
     def batches():
@@ -525,8 +534,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method="eigvals"):
         if not np.isfinite(covmean).all():
             offset = np.eye(d) * 1e-6
             covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-        imaginary = np.abs(covmean.imag).max() if np.iscomplexobj(covmean) else 0.0
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            imaginary = np.abs(covmean.imag).max()
             raise ValueError(f"sqrtm: imaginary component {imaginary:.3g}")
         tr_covmean = np.trace(covmean.real)
     else:
@@ -560,8 +569,8 @@ def inception_score(logits, splits=10, shuffle=True):
 
 def compute_metrics(samples, ref, model=None, batch_size=64, device=None, method="eigvals",
                     progress=True):
-    """{'fid', 'inception_score_mean', 'inception_score_std', 'n'} of samples against ref
-    ({mu, sigma} or a path); the samples are checked before ref is read or computed."""
+    """{'fid', 'n', and with logits and N >= 10 'inception_score_mean', 'inception_score_std'} of
+    samples against ref ({mu, sigma} or a path); samples are checked before ref is read."""
     if model is None:
         model = load_inception(device=device)
     samples = open_images(samples, batch_size)
@@ -569,8 +578,8 @@ def compute_metrics(samples, ref, model=None, batch_size=64, device=None, method
         ref = load_statistics(ref, model, batch_size)
     features = extract_features(samples, model, batch_size, progress)
     stats = feature_statistics(features["pool"])
-    fid = frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"], method)
-    metrics = {"fid": fid, "n": len(features["pool"])}
+    distance = frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"], method)
+    metrics = {"fid": distance, "n": len(features["pool"])}
     # IS needs torch-fidelity's 10 splits, and the fc layer
     if features["logits"] is not None and len(features["logits"]) >= 10:
         score_mean, score_std = inception_score(features["logits"])
@@ -785,7 +794,11 @@ def check_stats_output(out, source):
         return
     if os.path.exists(source) and os.path.samefile(out, source):
         raise ValueError(f"{out} is SOURCE: pass another path")
-    if not zipfile.is_zipfile(out) or "arr_0.npy" in zipfile.ZipFile(out).namelist():
+    names = []
+    if zipfile.is_zipfile(out):
+        with zipfile.ZipFile(out) as archive:
+            names = sorted(archive.namelist())
+    if names != ["mu.npy", "sigma.npy"]:
         raise ValueError(f"{out} exists and is not a statistics file: pass another path")
 
 
@@ -798,10 +811,8 @@ def run(args, stats):
         images = open_images(args.images, args.batch_size)
         if images.count < 2:
             raise ValueError(f"{args.images}: 1 image; a covariance needs at least 2")
-    out = args.out if stats else None
-    if stats and not out.endswith(".npz"):
-        out = out + ".npz"  # as numpy and save_statistics do
     if stats:
+        out = args.out if args.out.endswith(".npz") else args.out + ".npz"  # as numpy does
         with flag("--out"):
             check_stats_output(out, args.images)
     elif not os.path.exists(args.ref):
