@@ -1,12 +1,11 @@
 """
-FID and Inception Score exactly as torch-fidelity computes them; an offline metric for 28x28 data.
+FID and Inception Score exactly as torch-fidelity computes them (28x28 data: small_metric.py).
 
 eMIGM (arXiv 2503.07197, Sec. 5) reports FID-50K and IS on ImageNet as MAR does: 50 000 uint8
 samples through torch-fidelity (LTH14's fork) against {mu, sigma} of ADM's reference batch.
 Here offline, without torch-fidelity or torchvision: TF's inception-2015-12-05 graph as
 torch-fidelity and pytorch-fid port it (either file of WEIGHT_URLS), their preprocessing, the
 Frechet distance (Heusel et al. 2017) and the Inception Score (Salimans et al. 2016).
-SmallDataMetric (a small CNN for 28x28 data) is NOT comparable with Inception FID.
 Run (without --inception, torch hub's checkpoint folder is searched for either weight file):
   python fid.py SAMPLES.npz --ref REF.npz --inception weights-inception-2015-12-05-6726825d.pth
   python fid.py stats VIRTUAL_imagenet256_labeled.npz --out ref_stats.npz --inception PATH
@@ -14,12 +13,10 @@ Run (without --inception, torch hub's checkpoint folder is searched for either w
 """
 import argparse
 import contextlib
-import hashlib
 import math
 import os
 import sys
 import tempfile
-import time
 import zipfile
 
 import numpy as np
@@ -40,7 +37,7 @@ WEIGHT_URLS = [
 
 # ---- The FID Inception-v3: torchvision's Inception3 with pytorch-fid's FID blocks ----
 def tf1_source_pixels(in_size, out_size, device):
-    """TF1 reads output pixel i at i * in/out, in float32 (no half-pixel offset)."""
+    """TF1 reads output pixel i at i * in/out in float32 (F.interpolate's half-pixel offset: ~1-3% in pool_3)."""
     scale = torch.tensor(in_size / out_size, dtype=torch.float32, device=device)
     source = torch.arange(out_size, device=device) * scale
     lower = source.long()  # floor, as source >= 0
@@ -49,8 +46,7 @@ def tf1_source_pixels(in_size, out_size, device):
 
 
 def resize_tf1(x, size=INPUT_SIZE):
-    """TF 1.x resize_bilinear as torch-fidelity's bit-exact 'slow' path (F.interpolate's
-    half-pixel offset: ~1-3% off in pool_3). x: (B, C, H, W) float32."""
+    """TF 1.x resize_bilinear as torch-fidelity's bit-exact 'slow' path. x: (B, C, H, W) float32."""
     y_lower, y_upper, y_weight = tf1_source_pixels(x.shape[2], size, x.device)
     x_lower, x_upper, x_weight = tf1_source_pixels(x.shape[3], size, x.device)
     top = x[:, :, y_lower]  # (B, C, size, W)
@@ -132,9 +128,8 @@ class InceptionC(nn.Module):
     def forward(self, x):
         branch1x1 = self.branch1x1(x)
         branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        branch7x7dbl = self.branch7x7dbl_2(self.branch7x7dbl_1(x))
-        branch7x7dbl = self.branch7x7dbl_4(self.branch7x7dbl_3(branch7x7dbl))
-        branch7x7dbl = self.branch7x7dbl_5(branch7x7dbl)
+        branch7x7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        branch7x7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(branch7x7dbl))
         branch_pool = self.branch_pool(fid_avg_pool(x))
         return torch.cat([branch1x1, branch7x7, branch7x7dbl, branch_pool], 1)
 
@@ -152,8 +147,7 @@ class InceptionD(nn.Module):
 
     def forward(self, x):
         branch3x3 = self.branch3x3_2(self.branch3x3_1(x))
-        branch7x7x3 = self.branch7x7x3_2(self.branch7x7x3_1(x))
-        branch7x7x3 = self.branch7x7x3_4(self.branch7x7x3_3(branch7x7x3))
+        branch7x7x3 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         branch_pool = F.max_pool2d(x, kernel_size=3, stride=2)
         return torch.cat([branch3x3, branch7x7x3, branch_pool], 1)
 
@@ -178,8 +172,7 @@ class InceptionE(nn.Module):
         branch3x3 = self.branch3x3_1(x)
         branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
         branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        branch3x3dbl_3a = self.branch3x3dbl_3a(branch3x3dbl)
-        branch3x3dbl = torch.cat([branch3x3dbl_3a, self.branch3x3dbl_3b(branch3x3dbl)], 1)
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
         if self.pool == "max":
             branch_pool = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
         else:
@@ -216,8 +209,7 @@ class InceptionV3(nn.Module):
     def forward(self, images):
         """images: uint8 (B, 3, H, W) -> pool_3 (B, 2048), logits (B, 1008) or None."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            got = f"{images.dtype} {tuple(images.shape)}"
-            raise ValueError(f"InceptionV3 expects uint8 (B, 3, H, W), got {got}")
+            raise ValueError(f"InceptionV3 expects uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         # torch-fidelity's: the TF1 resize, then the graph's (x - 128) * 0.0078125
         x = resize_tf1(images.float(), INPUT_SIZE)  # (B, 3, 299, 299)
         x = (x - 128) / 128
@@ -271,8 +263,7 @@ def load_inception(path=None, device=None):
         candidates = [os.fspath(path)]
     found = [file for file in candidates if os.path.isfile(file)]
     if not found:
-        urls = " or ".join(WEIGHT_URLS)
-        raise FileNotFoundError(f"{candidates[0]}: no such file; download {urls} (--inception)")
+        raise FileNotFoundError(f"{candidates[0]}: no such file; download {' or '.join(WEIGHT_URLS)} (--inception)")
     state = read_torch(found[0], "Inception weights file")
     if not isinstance(state, dict):
         raise ValueError(f"{found[0]}: not a state dict but a {type(state).__name__}")
@@ -331,8 +322,7 @@ def open_images(source, batch_size):
         raise ValueError(f"{source}: no .png/.jpg/.jpeg images")
     chunks = (files[i:i + batch_size] for i in range(0, len(files), batch_size))
     # np.stack: the images of one batch have one size
-    batches = (np.stack([np.asarray(Image.open(file).convert("RGB")) for file in chunk])
-               for chunk in chunks)
+    batches = (np.stack([np.asarray(Image.open(file).convert("RGB")) for file in chunk]) for chunk in chunks)
     return {"count": len(files), "batches": batches}
 
 
@@ -358,7 +348,6 @@ def read_npz(path, batch_size):
                 count = min(batch_size, shape[0] - start)
                 data = member.read(count * math.prod(image_shape))
                 yield np.frombuffer(data, np.uint8).reshape((count,) + image_shape)
-
     return {"count": shape[0], "batches": batches()}
 
 
@@ -385,8 +374,7 @@ def feature_statistics(features):
     """{mu, sigma} float64 of features (N, D): the float32 mean, the unbiased covariance."""
     if len(features) < 2:
         raise ValueError(f"a covariance needs 2 images or more, got {len(features)}")
-    mu = np.mean(features, axis=0).astype(np.float64)
-    return {"mu": mu, "sigma": np.cov(features, rowvar=False)}
+    return {"mu": np.mean(features, axis=0).astype(np.float64), "sigma": np.cov(features, rowvar=False)}
 
 
 def compute_statistics(images, model=None, batch_size=64, device=None, progress=True):
@@ -397,8 +385,7 @@ def compute_statistics(images, model=None, batch_size=64, device=None, progress=
 
 
 def load_statistics(path, model=None, batch_size=64, device=None):
-    """{mu, sigma} float64 of an .npz (ours, pytorch-fid's, ADM's, the fork's) or torch-fidelity's
-    .pt; computed from a folder or an .npz with only arr_0 (as ADM does)."""
+    """{mu, sigma} float64 of an .npz (ours, pytorch-fid's, ADM's, the fork's) or .pt, else of its images."""
     stats = None
     try:
         if str(path).endswith((".pt", ".pth")):
@@ -418,8 +405,7 @@ def load_statistics(path, model=None, batch_size=64, device=None):
     if stats is None:
         return compute_statistics(path, model, batch_size, device)
     if stats["mu"].ndim != 1 or stats["sigma"].shape != stats["mu"].shape * 2:
-        shapes = f"{stats['mu'].shape}, {stats['sigma'].shape}"
-        raise ValueError(f"{path}: expected mu (D,), sigma (D, D), got {shapes}")
+        raise ValueError(f"{path}: expected mu (D,), sigma (D, D), got {stats['mu'].shape}, {stats['sigma'].shape}")
     return stats
 
 
@@ -433,6 +419,16 @@ def save_statistics(stats, path):
     np.savez_compressed(temporary, mu=mu, sigma=np.asarray(stats["sigma"], np.float64))
     os.replace(temporary, path)
     return path
+
+
+def check_writable(path):
+    """Create path's folder and a file there, so that a bad output fails now."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot write there ({type(error).__name__})") from None
 
 
 # ---- The metrics: Frechet distance and Inception Score ----
@@ -486,8 +482,7 @@ def inception_score(logits, splits=10, shuffle=True):
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def compute_metrics(samples, ref, model=None, batch_size=64, device=None, method="eigvals",
-                    progress=True):
+def compute_metrics(samples, ref, model=None, batch_size=64, device=None, method="eigvals", progress=True):
     """FID and IS of samples against ref ({mu, sigma} or a path)."""
     if model is None:
         model = load_inception(device=device)
@@ -503,147 +498,6 @@ def compute_metrics(samples, ref, model=None, batch_size=64, device=None, method
         metrics["inception_score_mean"] = score_mean
         metrics["inception_score_std"] = score_std
     return metrics
-
-
-# ---- Offline small-data metric (28x28, e.g. Fashion-MNIST) ----
-class SmallClassifier(nn.Module):
-    """Its 128-d penultimate layer plays pool_3. ~91% on Fashion-MNIST in 3 epochs."""
-    def __init__(self, num_classes, img_size=28, width=32, feature_dim=128):
-        super().__init__()
-        self.convs = nn.Sequential(
-            nn.Conv2d(1, width, 5, stride=2, padding=2),  # (B, w, 14, 14)
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),  # (B, 2w, 7, 7)
-            nn.BatchNorm2d(2 * width),
-            nn.ReLU())
-        self.fc = nn.Linear(2 * width * math.ceil(img_size / 4) ** 2, feature_dim)
-        self.head = nn.Linear(feature_dim, num_classes)
-
-    def forward(self, images):
-        x = images.float().unsqueeze(1) / 127.5 - 1  # (B, 1, H, W) in [-1, 1], from uint8
-        features = F.relu(self.fc(self.convs(x).flatten(1)))  # (B, 128)
-        return features, self.head(features)  # (B, 128), (B, num_classes)
-
-
-@contextlib.contextmanager
-def num_threads(n):
-    """n threads inside (None: as is): 2 on a busy machine made these nets 10-25x slower."""
-    previous = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def check_writable(path):
-    """Create path's folder and a file there, so that a bad output fails now."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as error:
-        raise ValueError(f"{path}: cannot write there ({type(error).__name__})") from None
-
-
-class SmallDataMetric:
-    """FD_small: the Frechet distance in a small CNN's features to its train split, and the CNN's
-    accuracy on class-conditional samples. Compare it at the same N (bias ~1/N) and with
-    baselines(). Trained once (~1 min of a core), cached under a hash of the data."""
-    label = "FD_small (small-CNN Frechet distance; not comparable with Inception FID)"
-
-    def __init__(self, train_images, train_labels, cache_path, epochs=3, batch_size=128, lr=2e-3,
-                 seed=0, threads=1, verbose=True):
-        images = check_images(np.asarray(train_images), (1,))[..., 0]
-        labels = np.asarray(train_labels).astype(np.int64)
-        if labels.shape != (len(images),) or labels.min() < 0:
-            raise ValueError(f"expected labels >= 0 ({len(images)},), got {labels.shape}")
-        self.threads = threads
-        recipe = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-        header = repr(("SmallClassifier v1", sorted(recipe.items()), images.shape)).encode()
-        key = hashlib.sha256(header + images.tobytes() + labels.tobytes()).hexdigest()
-        # a seeded init that leaves the caller's global RNG alone
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.net = SmallClassifier(int(labels.max()) + 1, images.shape[1])
-        cache = {"key": None}
-        if os.path.isfile(cache_path):
-            cache = read_torch(cache_path, "SmallDataMetric cache")
-            if not isinstance(cache, dict) or "key" not in cache:
-                raise ValueError(f"{cache_path} is no SmallDataMetric cache: pass another path")
-        if cache["key"] != key:
-            check_writable(cache_path)
-            if verbose:
-                print(f"SmallDataMetric: training ({len(images)} images)")
-            start = time.time()
-            self.train(images, labels, **recipe)
-            stats = feature_statistics(self.features(images)["features"])
-            cache = {"key": key, "model": self.net.eval().state_dict(),
-                     "train_seconds": time.time() - start,
-                     "mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"])}
-            torch.save(cache, cache_path)
-        self.net.eval().load_state_dict(cache["model"])
-        self.train_seconds = cache["train_seconds"]
-        self.mu = cache["mu"].numpy()
-        self.sigma = cache["sigma"].numpy()
-
-    def train(self, images, labels, epochs, batch_size, lr, seed):
-        """Adam with a cosine decay to 0, batches in a seeded order."""
-        x = torch.from_numpy(np.ascontiguousarray(images))
-        y = torch.from_numpy(labels)
-        optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
-        generator = torch.Generator().manual_seed(seed)
-        batches = []
-        for _ in range(epochs):
-            batches.extend(torch.randperm(len(x), generator=generator).split(batch_size))
-        with num_threads(self.threads):
-            for step, index in enumerate(batches):
-                decay = 0.5 * (1 + math.cos(math.pi * step / len(batches)))
-                optimizer.param_groups[0]["lr"] = lr * decay
-                loss = F.cross_entropy(self.net(x[index])[1], y[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-    @torch.no_grad()
-    def features(self, images, batch_size=1000):
-        """uint8 (N, H, W) -> {'features': (N, 128), 'classes': predicted (N,)}."""
-        images = check_images(np.asarray(images), (1,))[..., 0]
-        images = torch.from_numpy(np.ascontiguousarray(images))
-        features = []
-        classes = []
-        with num_threads(self.threads):
-            for batch in images.split(batch_size):
-                feature, logits = self.net(batch)
-                features.append(feature)
-                classes.append(logits.argmax(1))
-        return {"features": torch.cat(features).numpy(), "classes": torch.cat(classes).numpy()}
-
-    def evaluate(self, images, labels=None):
-        """{'frechet': FD_small to the train split, 'accuracy': as labels}."""
-        features = self.features(images)
-        stats = feature_statistics(features["features"])
-        result = {"frechet": frechet_distance(stats["mu"], stats["sigma"], self.mu, self.sigma)}
-        if labels is not None:
-            result["accuracy"] = float(np.mean(features["classes"] == np.asarray(labels)))
-        return result
-
-    def baselines(self, test_images, test_labels):
-        """FD_small of test data: 'floor' between its halves, 'real_test' and 'blur3x3' (3x3
-        box blur) to train. Pass as many images as samples (the same N, the same bias)."""
-        test_images = check_images(np.asarray(test_images), (1,))[..., 0]
-        half = len(test_images) // 2
-        first = feature_statistics(self.features(test_images[:half])["features"])
-        second = feature_statistics(self.features(test_images[half:2 * half])["features"])
-        floor = frechet_distance(first["mu"], first["sigma"], second["mu"], second["sigma"])
-        real = self.evaluate(test_images, test_labels)
-        blurred = fid_avg_pool(torch.from_numpy(test_images).float()[:, None])  # (N, 1, H, W)
-        blurred = blurred[:, 0].round().byte().numpy()
-        return {"floor": floor, "real_test": real["frechet"],
-                "blur3x3": self.evaluate(blurred)["frechet"],
-                "classifier_accuracy": real["accuracy"], "train_seconds": self.train_seconds}
 
 
 # ---- Command line ----
@@ -732,7 +586,6 @@ def run(args, stats):
 def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
-    # `fid.py stats SOURCE --out OUT`; otherwise `fid.py SAMPLES --ref REF`
     stats = argv[:1] == ["stats"]
     parser = build_parser(stats)
     args = parser.parse_args(argv[1:] if stats else argv)
