@@ -106,8 +106,8 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, inner)
 
 class GaussianDiffusion:
-    """Cosine schedule, eps prediction, learned variance: IDDPM's, float64 tables of its names
-    (cast to float32 after the lookup, as there); respace: its respacing (MAR's DDPM)."""
+    """IDDPM's diffusion: cosine schedule, eps prediction, learned-range variance. Float64 tables
+    of IDDPM's names, cast to float32 after the lookup as there; respace: IDDPM's respacing."""
 
     def __init__(self, num_steps=1000, respace=None):
         # alpha_bar(s) = cos^2((s + 0.008) / 1.008 * pi / 2)
@@ -492,7 +492,7 @@ class EMIGM(nn.Module):
         if t is not None and self.loss_weighting != "constant":
             weight = loss_weight(t, self.mask_schedule, self.loss_weighting)  # () or (B,)
             if weight.dim() == 1:
-                weight = weight[:, None].expand(B, L)[mask].repeat(mul)  # (N,)
+                weight = weight.to(mask.device)[:, None].expand(B, L)[mask].repeat(mul)  # (N,)
             head_loss = weight * head_loss
         # 1/|M| * sum_{i in M}; with nothing masked (per-row masking) 0, not 0 / 0
         return head_loss.sum() / max(len(head_loss), 1)

@@ -4,13 +4,18 @@ must hold exactly (masking, weighting, label dropout, gradients, checkpoint erro
 Run: python -m pytest -q test_emigm.py
 
 Tolerances. The official vectors are fp32 outputs. An fp64 evaluation of our model is the exact
-function up to ~1e-15, so its distance to an official vector is that vector's own fp32 rounding
+function up to ~1e-15 (but for the casts to fp32 that the official code itself makes: diffusion
+tables, time embedding), so its distance to an official vector is that vector's own fp32 rounding
 error, the same on every machine: measured at most 4.9e-7 relative (max |diff| / max |ref|) over
-the vectors of this file and 8.7e-7 over those of test_ablation.py. FP64_TOL = 2e-6 (2.3x the
-largest). Our own fp32 evaluation differs from our fp64 one by the same order (measured at most
-4.6e-7 here, 1 and 2 threads); two fp32 evaluations with other summation orders are thus within
-about 1.4e-6 of each other, and FP32_TOL = 1e-5 leaves 7x for other CPUs. A wrong step (e.g. the
-LayerNorm before the position embedding) moves these outputs by 1e-2 to 1.
+the vectors of this file and 8.9e-7 over those of test_ablation.py. FP64_TOL = 2e-6 (2.2x the
+largest). Our fp32 evaluation differs from our fp64 one by the same order (measured at most
+4.6e-7 here and 8.9e-7 in test_ablation.py, with 1 and 2 threads), so two fp32 evaluations in
+different summation orders lie within about 1.8e-6 of each other: FP32_TOL = 1e-5 leaves over 5x
+for other CPUs. The per-token vb terms, KLs between nearly equal Gaussians, lose digits to
+cancellation: their fp32 rounding error is measured up to 2.3e-6 here and 8.8e-6 in
+test_ablation.py (official and ours alike), hence VB_TOL: 2e-5 in fp64 (2.3x), 5e-5 in fp32 (2.9x
+the sum of both). A wrong step (e.g. the LayerNorm before the position embedding) moves these
+outputs by 1e-2 to 1.
 """
 import argparse
 import inspect
@@ -29,6 +34,7 @@ MANIFEST = HERE / "testdata" / "emigm_state_dict_manifest.json"
 FP32_TOL = 1e-5
 FP64_TOL = 2e-6
 TOL = {torch.float32: FP32_TOL, torch.float64: FP64_TOL}
+VB_TOL = {torch.float32: 5e-5, torch.float64: 2e-5}
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -129,7 +135,8 @@ def test_diffusion_loss_terms_match_official(dtype):
                                noise=ref["noise"].to(dtype))
     for name in ("mse", "vb", "loss"):
         assert terms[name].dtype == dtype
-        assert rel_err(terms[name], ref[name]) <= TOL[dtype], name
+        tolerance = VB_TOL[dtype] if name == "vb" else TOL[dtype]
+        assert rel_err(terms[name], ref[name]) <= tolerance, name
     masked_mean = (terms["loss"] * ref["mask"]).sum() / ref["mask"].sum()
     assert rel_err(masked_mean, ref["masked_mean_loss"]) <= TOL[dtype]
 
@@ -157,10 +164,19 @@ def test_full_forward_matches_official(dtype):
     ref = REF["full_forward"]
     tokens = ref["imgs"].flatten(2).transpose(1, 2).to(dtype)  # patchify: (B, C, h, w) -> (B, h*w, C)
     mask = ref["mask"].bool()
+    noise = ref["noise"].to(dtype)
     with torch.no_grad():
-        loss = model(tokens, ref["labels"], mask=mask, head_t=ref["t"], head_noise=ref["noise"].to(dtype))
+        loss = model(tokens, ref["labels"], mask=mask, head_t=ref["t"], head_noise=noise)
+        # the per-token terms of the masked rows (the official rows: the B*L block tiled mul times)
+        mul = model.diffusion_batch_mul
+        rows = mask.flatten().repeat(mul)
+        z = model.forward_decoder(model.forward_encoder(tokens, mask, model.class_emb(ref["labels"])), mask)
+        terms = model.diffloss(tokens[mask].repeat(mul, 1), z[mask].repeat(mul, 1), ref["t"][rows], noise[rows])
     assert loss.dtype == dtype
     assert rel_err(loss, ref["loss"]) <= TOL[dtype]
+    assert rel_err(terms["mse"], ref["loss_terms"]["mse"][rows]) <= TOL[dtype]
+    assert rel_err(terms["vb"], ref["loss_terms"]["vb"][rows]) <= VB_TOL[dtype]
+    assert rel_err(terms["loss"], ref["loss_terms"]["loss"][rows]) <= TOL[dtype]
 
 
 # ---- layout and presets
