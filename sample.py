@@ -1,15 +1,15 @@
-"""Sampling from eMIGM (You et al. 2025, arXiv 2503.07197): mask prediction, per-token diffusion head.
+"""Sampling from eMIGM (You et al. 2025, arXiv 2503.07197): masked tokens, per-token diffusion head.
 
-Sec. 3 and Fig. 3 of the paper as the official code (ML-GSAI/eMIGM at de78623) computes them: K steps
-on t = linspace(1, 1e-5, K + 1), step t -> s reveals 1 - gamma_s / gamma_t of the masked tokens (the
-same count in every row), the head samples them (DPM-Solver++ as the official evaluation, or MAR's
-DDPM), with CFG (Fig. 2e) only when s is in (t_min, t_max] (Fig. 3c): NFE = K x f, "16 x 1.2".
+Sec. 3 and Fig. 3 of the paper as the official code (ML-GSAI/eMIGM at de78623) computes them: K
+steps on t = linspace(1, 1e-5, K + 1); step t -> s reveals 1 - gamma_s / gamma_t of the masked
+tokens (the same count in every row); the head samples them (DPM-Solver++ as the official
+evaluation, or MAR's DDPM); CFG (Fig. 2e) only when s is in (t_min, t_max] (Fig. 3c): NFE = K x f.
 Deviations, same distribution: one vectorised draw picks every row's tokens (official: a randperm
 loop); DDPM with CFG draws the noise of the conditional half only. GPUs: the transformer in bf16
 (official: fp16), the head in fp32. CPUs: fp32, as the official code.
 
   python sample.py --ckpt PATH --nfe 16      # grid PNG, one row per class
-  torchrun --nproc_per_node 8 sample.py --ckpt PATH --size H --nfe 128 --num-images 50000 --out DIR
+  torchrun --nproc_per_node 8 sample.py --ckpt PATH --nfe 128 --num-images 50000 --out DIR
   python sample.py --bench                   # speed, random weights
 """
 import argparse
@@ -31,14 +31,14 @@ import emigm
 SAMPLER_EPS = 1e-5  # the sampler's last time (training uses emigm.TRAIN_T_EPS)
 LAMBDA_CLIP = -5.1  # DPM-Solver drops the last steps with logSNR / 2 below this (4 of 1000)
 GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # ImageNet classes (DiT's sample.py)
-METRIC_CACHE = Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"  # fid.SmallDataMetric's
+METRIC_CACHE = Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"  # the small-data metric
 CFG_SCHEDULES = ("constant", "linear", "power", "cubic", "exp", "cosine")  # see cfg_scale
 
 
-# ==== 1. The reveal schedule (Sec. 3; the mask schedule of Fig. 3a) ============================
+# ==== 1. The reveal schedule (Sec. 3; the mask schedule of Fig. 3a) ===========================
 def reveal_schedule(num_iter, schedule="exp"):
     """Times t_0 = 1 > ... > t_K = 1e-5 (K + 1,) and the share of the masked tokens each step
-    reveals (K,): from t to s, gamma_s / gamma_t of them stay masked (raw gamma, no eps remap)."""
+    reveals (K,): from t to s, gamma_s / gamma_t of them stay masked (the raw gamma)."""
     times = torch.linspace(1, SAMPLER_EPS, num_iter + 1)  # float32, as the official code
     share = 1 - emigm.mask_ratio(times[1:], schedule) / emigm.mask_ratio(times[:-1], schedule)
     share[-1] = 1.0  # the last step reveals everything
@@ -53,8 +53,8 @@ def draw(fn, shape, generator, device):
 
 
 def choose_reveal(mask, share, generator=None):
-    """n ~ Binomial(#masked, share), at least 1, the same in every row; each row reveals a uniform
-    n-subset of its masked positions. mask (B, L) bool, the same count per row -> (B, L) bool."""
+    """n ~ Binomial(#masked, share), at least 1, the same in every row; each row reveals a
+    uniform n-subset of its masked positions. mask (B, L) bool, n per row -> (B, L) bool."""
     if share >= 1:
         return mask.clone()
     coins = draw(torch.rand, int(mask[0].sum()), generator, mask.device)  # row 0's (official)
@@ -65,9 +65,9 @@ def choose_reveal(mask, share, generator=None):
     return torch.zeros_like(mask).scatter_(1, chosen, True)
 
 
-# ==== 2. Classifier-free guidance on a time interval, and NFE (Fig. 3c, Table 2) ===============
+# ==== 2. Classifier-free guidance on a time interval, and NFE (Fig. 3c, Table 2) ==============
 def cfg_steps(num_iter, cfg, cfg_interval):
-    """(K,) bool: the steps with the unconditional branch: cfg != 1, t_min < s <= t_max (next time)."""
+    """(K,) bool: the steps with the unconditional branch: cfg != 1 and t_min < s <= t_max."""
     t_min, t_max = cfg_interval
     s = reveal_schedule(num_iter)[0][1:]  # (K,)
     return (s > t_min) & (s <= t_max) & (cfg != 1.0)
@@ -93,7 +93,7 @@ def nfe(num_iter, cfg, cfg_interval):
     return num_iter, 1 + cfg_steps(num_iter, cfg, cfg_interval).float().mean().item()
 
 
-# ==== 3a. The head sampler DPM-Solver++ (Lu et al. 2022) as the official code calls it =========
+# ==== 3a. The head sampler DPM-Solver++ (Lu et al. 2022) as the official code calls it ========
 def interp(x, xp, yp):
     """Piecewise-linear through (xp, yp), xp increasing, extrapolated (DPM-Solver's)."""
     i = torch.searchsorted(xp, x).clamp(1, len(xp) - 1) - 1
@@ -102,7 +102,7 @@ def interp(x, xp, yp):
 
 @dataclass
 class SolverTime:
-    """A time t of the solver, alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t) (0-d fp32)."""
+    """A time t of the solver, alpha_t, sigma_t, lambda_t = log(alpha_t / sigma_t) (0-d fp32)."""
     t: torch.Tensor
     alpha: torch.Tensor
     sigma: torch.Tensor
@@ -162,8 +162,8 @@ class SolverStep:
 
 @lru_cache(maxsize=None)
 def dpm_plan(steps):
-    """The SolverSteps of `steps` net calls: steps // 3 + 1 intervals uniform in lambda from 1 to
-    1/N, of order 3 but a tail of order 2 and/or 1 (singlestep, order 3)."""
+    """The SolverSteps of `steps` net calls: steps // 3 + 1 intervals uniform in lambda from 1
+    to 1/N, of order 3 but a tail of order 2 and/or 1 (singlestep, order 3)."""
     ns = noise_schedule()
     num_intervals = steps // 3 + 1
     if steps % 3 == 0:
@@ -175,7 +175,7 @@ def dpm_plan(steps):
     for s, t, order in zip(outer[:-1], outer[1:], orders):
         h = ns.marginal_lambda(t) - ns.marginal_lambda(s)
         step = SolverStep(order, ns.at(s), ns.at(t), h)
-        # r1, r2 from a lambda-uniform split of [s, t] mapped t -> lambda -> t -> lambda (official)
+        # r1, r2 from a lambda-uniform split of [s, t], mapped t -> lambda -> t -> lambda
         lambdas = ns.marginal_lambda(ns.time_steps(s.item(), t.item(), order))  # (order + 1,)
         r = (lambdas - lambdas[0]) / (lambdas[-1] - lambdas[0])
         if order >= 2:
@@ -191,13 +191,13 @@ def dpm_plan(steps):
 @torch.no_grad()
 def dpm_solver_sample(net, noise, cond, uncond=None, cfg=1.0, steps=8, temperature=None,
                       generator=None):
-    """DPM-Solver++ from t = 1 to 1/996 in `steps` calls of net(x (N, C), t (N,), c (N, D)), eps in
-    its first C outputs. noise (N, C), cond, uncond (N, D) -> x0 (N, C). (!) The official path
-    ignores the temperature: deterministic."""
+    """DPM-Solver++ from t = 1 to 1/996 in `steps` calls of net(x (N, C), t (N,), c (N, D)),
+    eps in its first C outputs. noise (N, C), cond, uncond (N, D) -> x0 (N, C). (!) The official
+    path ignores the temperature: deterministic."""
     C = noise.shape[1]
     inv_N = 1.0 / noise_schedule().total_N
     guided = uncond is not None and cfg != 1.0
-    c_in = torch.cat([uncond, cond]) if guided else cond  # one call on [x; x], DPM-Solver's order
+    c_in = torch.cat([uncond, cond]) if guided else cond  # one call on [x; x], DPM-Solver's
 
     def data_prediction(x, time):
         """x0 = (x - sigma_t eps) / alpha_t with eps = eps_u + cfg (eps_c - eps_u) under CFG."""
@@ -229,7 +229,7 @@ def dpm_solver_sample(net, noise, cond, uncond=None, cfg=1.0, steps=8, temperatu
     return x
 
 
-# ==== 3b. The head sampler DDPM with learned variance (MAR; the official online evaluation) ====
+# ==== 3b. The head sampler DDPM with learned variance (MAR; the official online evaluation) ===
 @lru_cache(maxsize=None)
 def respaced(steps):
     """The 1000-step cosine diffusion respaced to `steps` (IDDPM's space_timesteps)."""
@@ -239,15 +239,16 @@ def respaced(steps):
 @torch.no_grad()
 def ddpm_sample(net, noise, cond, uncond=None, cfg=1.0, steps=100, temperature=1.0,
                 generator=None):
-    """Ancestral sampling, arguments as dpm_solver_sample; the temperature scales the per-step noise
-    (MAR). CFG guides eps only, eps_u + cfg (eps_c - eps_u); the variance is the cond rows'."""
+    """Ancestral sampling, arguments as dpm_solver_sample; the temperature scales the per-step
+    noise (MAR). CFG guides eps only, eps_u + cfg (eps_c - eps_u); the variance is the cond's."""
     diffusion = respaced(steps)
     C = noise.shape[1]
     guided = uncond is not None and cfg != 1.0
     c_in = torch.cat([cond, uncond]) if guided else cond  # one call on [x; x], MAR's order
     x = noise
     for i in reversed(range(steps)):
-        t = torch.full((len(c_in),), int(diffusion.timesteps[i]), device=x.device)  # original step
+        # the net sees the original step of respaced step i
+        t = torch.full((len(c_in),), int(diffusion.timesteps[i]), device=x.device)
         out = net(torch.cat([x, x]) if guided else x, t, c_in)  # (N or 2N, 2C): [eps | var]
         eps = out[:len(x), :C]
         if guided:
@@ -263,14 +264,14 @@ def ddpm_sample(net, noise, cond, uncond=None, cfg=1.0, steps=100, temperature=1
 HEAD_SAMPLERS = {"dpm-solver": dpm_solver_sample, "ddpm": ddpm_sample}
 
 
-# ==== 4. The mask-prediction loop (Sec. 3) =====================================================
+# ==== 4. The mask-prediction loop (Sec. 3) ====================================================
 @torch.no_grad()
 def predict_revealed(model, tokens, mask, reveal, class_emb, *, cfg=1.0, guided=False,
                      head_sampler="dpm-solver", head_steps=8, temperature=1.0, generator=None,
                      noise=None):
-    """One step: the transformer on tokens (B, L, C), mask (B, L) and class_emb (B, D), then the head
-    samples the tokens of reveal (B, L) from noise (n, C) (None: drawn) in the tokens' precision.
-    `guided`: CFG with [cond; uncond] rows. -> the new tokens (B, L, C)."""
+    """One step: the transformer on tokens (B, L, C), mask (B, L) and class_emb (B, D), then the
+    head samples the tokens of reveal (B, L) from noise (n, C) (None: drawn) in the tokens'
+    precision. `guided`: CFG with [cond; uncond] rows. -> the new tokens (B, L, C)."""
     B, L, C = tokens.shape
     x = tokens
     m = mask
@@ -290,18 +291,19 @@ def predict_revealed(model, tokens, mask, reveal, class_emb, *, cfg=1.0, guided=
     head = HEAD_SAMPLERS[head_sampler](model.diffloss.net, noise.to(z_cond), z_cond, z_uncond,
                                        cfg=cfg, steps=head_steps, temperature=temperature,
                                        generator=generator)  # (n, C)
-    return tokens.masked_scatter(reveal[..., None], head.to(tokens.dtype))  # tokens[reveal] = head
+    # tokens[reveal] = head, out of place
+    return tokens.masked_scatter(reveal[..., None], head.to(tokens.dtype))
 
 
 @torch.no_grad()
 def sample_tokens(model, labels, num_iter=16, cfg=4.0, cfg_schedule="constant",
-                  cfg_interval=(0.1, 0.3), head_sampler="dpm-solver", head_steps=8, temperature=1.0,
-                  generator=None, mask_schedule=None):
-    """labels (B,) int64 -> tokens (B, L, C) in K = num_iter steps, CFG on the steps whose next time
-    is in cfg_interval = (t_min, t_max]. mask_schedule: the gamma_t that plans the reveals (Fig. 3a),
-    None = the model's training one. `generator` drives all randomness, on its own device."""
+                  cfg_interval=(0.1, 0.3), head_sampler="dpm-solver", head_steps=8,
+                  temperature=1.0, generator=None, mask_schedule=None):
+    """labels (B,) int64 -> tokens (B, L, C) in K = num_iter steps, CFG on the steps whose next
+    time is in cfg_interval = (t_min, t_max]. mask_schedule: the gamma_t that plans the reveals
+    (Fig. 3a), None = the model's training one. `generator` drives all randomness (its device)."""
     if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"unknown cfg schedule {cfg_schedule!r}: choose one of {CFG_SCHEDULES}")
+        raise ValueError(f"unknown cfg schedule {cfg_schedule!r}: one of {CFG_SCHEDULES}")
     if mask_schedule is None:
         mask_schedule = model.mask_schedule
     B = len(labels)
@@ -328,7 +330,7 @@ def sample_tokens(model, labels, num_iter=16, cfg=4.0, cfg_schedule="constant",
     return tokens
 
 
-# ==== 5. The paper's sampling settings (Tables 2, 3; the official evaluation scripts) ==========
+# ==== 5. The paper's sampling settings (Tables 2, 3; the official evaluation scripts) =========
 # (size, image size) -> K -> head steps, cfg, its schedule and the CFG interval (t_min, t_max].
 # The paper names a setting by K and the NFE factor f: "16 x 1.2", "128 x 1.4", "64 x 1.25".
 K16 = dict(head_steps=8, cfg=4.0, cfg_schedule="constant", cfg_interval=(0.1, 0.3))
@@ -341,20 +343,22 @@ PRESETS = {
     ("S", 256): {16: K16, 128: K128},
     ("B", 256): {16: K16, 128: dict(K128, cfg_interval=(0.05, 0.4))},
     ("L", 256): {16: K16, 128: K128},
-    ("H", 256): {16: dict(K16, cfg_interval=(0.2, 0.4)), 128: dict(K128, cfg_interval=(0.3, 0.7))},
+    ("H", 256): {16: dict(K16, cfg_interval=(0.2, 0.4)),
+                 128: dict(K128, cfg_interval=(0.3, 0.7))},
     ("XS", 512): {16: K16_512, 64: K64_512},
     ("S", 512): {16: K16_512, 64: K64_512},
     ("B", 512): {16: K16_512, 64: K64_512},
     ("L", 512): {16: K16_512, 64: K64_512},
     ("Tiny", 28): {16: dict(K16, cfg=3.0, cfg_interval=(0.0, 1.0))},  # the CPU demo's
 }
-ARCHITECTURE = ("seq_len", "token_channels", "width", "depth", "num_heads", "head_depth", "head_width")
+ARCHITECTURE = ("seq_len", "token_channels", "width", "depth", "num_heads", "head_depth",
+                "head_width")
 
 
 @lru_cache(maxsize=None)
 def preset_size(architecture):
-    """The (size, image size) of PRESETS whose model has `architecture` (values of ARCHITECTURE's
-    fields), or None. The presets are built on the meta device: shapes only."""
+    """The (size, image size) of PRESETS whose model has `architecture` (the values of the
+    ARCHITECTURE fields), or None. The presets are built on the meta device: shapes only."""
     for size, img_size in PRESETS:
         with torch.device("meta"):
             config = emigm.create_emigm(size, img_size).config
@@ -375,8 +379,8 @@ def settings(model, num_iter, head_sampler="dpm-solver", head_steps=None, cfg=No
         size = preset_size(tuple(model.config[name] for name in ARCHITECTURE))
         preset = PRESETS.get(size, {}).get(num_iter)
         if preset is None:
-            raise ValueError(f"--nfe {num_iter}: no preset for K = {num_iter} and a {size or 'custom'}"
-                             f" model (sample.PRESETS): pass --head-steps --cfg --cfg-schedule "
+            raise ValueError(f"--nfe {num_iter}: no preset for K = {num_iter} and this model "
+                             f"(sample.PRESETS): pass --head-steps --cfg --cfg-schedule "
                              f"--cfg-interval")
         for name, value in given.items():
             if value is None:
@@ -386,21 +390,21 @@ def settings(model, num_iter, head_sampler="dpm-solver", head_steps=None, cfg=No
                 mask_schedule=mask_schedule, **given)
 
 
-# ==== Checkpoints, grids and the bulk .npz (DiT's sample.py and sample_ddp.py) =================
+# ==== Checkpoints, grids and the bulk .npz (DiT's sample.py and sample_ddp.py) ================
 def default_tokenizer(config):
-    """The tokenizer of a model's tokens: KL-16 (256 x 16), DC-AE (256 x 32), else pixel patches."""
+    """The tokenizer of a model's tokens: KL-16 (256 x 16), DC-AE (256 x 32), else pixels."""
     if config["seq_len"] != 256:
         return "pixel"
     return "dcae" if config["token_channels"] == 32 else "kl16"
 
 
 def load_model(path, size=None, img_size=None, ema=True, device="cpu"):
-    """-> (model in eval mode, its training flags). Ours rebuild from their 'config', official ones
-    from size and img_size; a size or image size that disagrees with the config is an error."""
+    """-> (model in eval mode, its training flags). Ours rebuild from their 'config', official
+    ones from size and img_size; a size or image size that disagrees with a config is an error."""
     checkpoint = emigm.load_checkpoint(path)  # one-line errors for unreadable files
     config = checkpoint.get("config")
     if config is None and size is None:
-        raise ValueError(f"--ckpt {path} has no 'config' (an official checkpoint?): pass --size")
+        raise ValueError(f"--ckpt {path} has no 'config' (an official one?): pass --size")
     if config is None:
         model = emigm.create_emigm(size, 256 if img_size is None else img_size)
     else:
@@ -411,8 +415,8 @@ def load_model(path, size=None, img_size=None, ema=True, device="cpu"):
             raise ValueError(f"--size {size} disagrees with --ckpt {path}, a {kind} model: the "
                              f"checkpoint's config wins, drop --size")
         if img_size not in (None, own_img_size):
-            raise ValueError(f"--img-size {img_size} disagrees with --ckpt {path} ({own_img_size} "
-                             f"px): the checkpoint's config wins, drop --img-size")
+            raise ValueError(f"--img-size {img_size} disagrees with --ckpt {path} "
+                             f"({own_img_size} px): the checkpoint's config wins, drop --img-size")
         model = emigm.EMIGM(**config)
     try:
         emigm.load_weights(model, checkpoint, ema=ema)
@@ -425,7 +429,7 @@ def load_model(path, size=None, img_size=None, ema=True, device="cpu"):
 
 
 def generate(model, tok, labels, sampler_kwargs, seed, device):
-    """uint8 (B, H, W, 3) images (MAR's rounding, grey repeated for ADM), randomness from `seed`."""
+    """uint8 (B, H, W, 3) images (MAR's rounding, grey repeated for ADM), all from `seed`."""
     generator = torch.Generator(device).manual_seed(seed)
     tokens = sample_tokens(model, labels.to(device), generator=generator, **sampler_kwargs)
     with torch.no_grad():
@@ -437,7 +441,7 @@ def generate(model, tok, labels, sampler_kwargs, seed, device):
 
 
 def save_grid(model, tok, classes, per_class, sampler_kwargs, seed, batch_size, path, device):
-    """A PNG, one row of per_class images per class; batch j seeded batch_seed(seed, j) as bulk."""
+    """A PNG, a row of per_class images per class; batch j seeded batch_seed(seed, j), as bulk."""
     from PIL import Image
     labels = torch.tensor(classes).repeat_interleave(per_class)
     start = time.perf_counter()
@@ -452,7 +456,7 @@ def save_grid(model, tok, classes, per_class, sampler_kwargs, seed, batch_size, 
 
 
 def grid(model, tok, sampler_kwargs, classes, per_class, seed, batch_size, path, device):
-    """save_grid; classes None: all classes of a model with <= 16, else DiT's 8 ImageNet ones."""
+    """save_grid; classes None: every class of a model with <= 16, else DiT's 8 ImageNet."""
     if classes is None and model.num_classes > 16:
         classes = list(GRID_CLASSES)
     elif classes is None:
@@ -460,11 +464,11 @@ def grid(model, tok, sampler_kwargs, classes, per_class, seed, batch_size, path,
     save_grid(model, tok, classes, per_class, sampler_kwargs, seed, batch_size, path, device)
 
 
-def bulk(model, tok, sampler_kwargs, num_images, out, seed, batch_size, rank, world_size, device,
-         fid_ref=None, inception=None):
-    """OUT/samples.npz: arr_0 the images, arr_1 the labels i % classes. Batch j, seeded from (seed,
-    j), goes to rank j % world_size and its own file: the bytes do not depend on the number of
-    processes; a restart skips written batches. fid_ref: metrics after sampling."""
+def bulk(model, tok, sampler_kwargs, num_images, out, seed, batch_size, rank, world_size,
+         device, fid_ref=None, inception=None):
+    """OUT/samples.npz: arr_0 the images, arr_1 the labels i % classes. Batch j, seeded from
+    (seed, j), goes to rank j % world_size and its own file: the bytes do not depend on the number
+    of processes; a restart skips written batches. fid_ref: metrics after sampling."""
     import fid
     from tqdm import tqdm
     parts = Path(out) / "batches"
@@ -502,7 +506,7 @@ def bulk(model, tok, sampler_kwargs, num_images, out, seed, batch_size, rank, wo
         print(fid.compute_metrics(arr, fid_ref, model=network))
 
 
-# ==== Run helpers shared with train.py (tokenizer.py keeps an identical setup_distributed) =====
+# ==== Run helpers shared with train.py (tokenizer.py keeps an identical setup_distributed) ====
 @dataclass
 class Distributed:
     rank: int
@@ -511,8 +515,8 @@ class Distributed:
 
 
 def setup_distributed():
-    """DiT's set-up, made optional: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is
-    one process."""
+    """DiT's set-up, made optional: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python
+    is one process."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))  # this process's GPU on its node
@@ -527,21 +531,21 @@ def setup_distributed():
 
 
 def batch_seed(seed, index):
-    """The generator seed of batch `index` of a run seeded `seed`, the same on every rank and device.
-    The CPU generator keeps 32 bits of a seed, so (seed, index) is hashed into 32 bits (numpy's
-    SeedSequence): (seed << 32) + index would keep only the index there."""
+    """The generator seed of batch `index` of a run seeded `seed`, the same on every rank and
+    device. The CPU generator keeps 32 bits of a seed, so (seed, index) is hashed into 32 bits
+    (numpy's SeedSequence): (seed << 32) + index would keep only the index there."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def peak_memory_gb(device):
-    """Peak memory of this process: allocated on the GPU, or the peak RSS on CPU (Linux: KiB)."""
+    """Peak memory of this process: allocated on the GPU, or the peak RSS on CPU (Linux)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
-    """The fp32 matmul peak in FLOP per second of `clock`: the best of `repeats` 2048^3 products."""
+    """The fp32 matmul peak in FLOP per second of `clock`, the best of `repeats` 2048^3."""
     a = torch.randn(2048, 2048, device=device)
     best = 0.0
     for _ in range(repeats):
@@ -603,7 +607,7 @@ def guidance_scale(text):
     return value
 
 
-# ==== Benchmark: the sampler on random XS weights ==============================================
+# ==== Benchmark: the sampler on random XS weights =============================================
 def bench(bench_k=(16, 128), bench_batches=(1, 16, 64)):
     """Random-weight XS at 256 px: s/image at K = 16 and 128 per batch size and the share of the
     fp32 matmul peak, then the CFG-interval and linear-in-K checks, in CPU time (less disturbed
@@ -612,13 +616,16 @@ def bench(bench_k=(16, 128), bench_batches=(1, 16, 64)):
     model = emigm.EMIGM_models["XS"]().eval()
     presets = PRESETS["XS", 256]
     flops = []
-    for module in model.modules():  # forward hooks: cheap, and they count exactly what runs
+    # forward hooks: cheap, and they count exactly what runs (attention: q k^T and attn v)
+    for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            module.register_forward_hook(lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
-        elif isinstance(module, emigm.Attention):  # q k^T and attn v
+            module.register_forward_hook(
+                lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
+        elif isinstance(module, emigm.Attention):
             module.register_forward_hook(lambda m, i, o: flops.append(4 * o.numel() * o.shape[1]))
     peak = matmul_peak_flops(torch.device("cpu"), clock=time.process_time, repeats=5)
-    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP per CPU-second ({torch.get_num_threads()} threads)")
+    threads = torch.get_num_threads()
+    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP per CPU-second ({threads} threads)")
 
     def timed(k, batch, interval):
         """One sample_tokens call -> (CPU seconds, FLOPs)."""
@@ -630,8 +637,9 @@ def bench(bench_k=(16, 128), bench_batches=(1, 16, 64)):
                       head_steps, generator=torch.Generator().manual_seed(0))
         cpu = time.process_time() - cpu
         wall = time.perf_counter() - wall
-        print(f"K={k:3d} NFE = {k} x {nfe(k, 4.0, interval)[1]:.4f} (interval {interval}), batch "
-              f"{batch:2d}: {wall / batch:.3f} s/image wall, {cpu / batch:.3f} CPU-s/image, "
+        f = nfe(k, 4.0, interval)[1]
+        print(f"K={k:3d} NFE = {k} x {f:.4f} (interval {interval}), batch {batch:2d}: "
+              f"{wall / batch:.3f} s/image wall, {cpu / batch:.3f} CPU-s/image, "
               f"{sum(flops) / 1e12:.3f} TFLOP, {sum(flops) / cpu / peak:.0%} of the matmul peak",
               flush=True)
         return cpu, sum(flops)
@@ -647,8 +655,8 @@ def bench(bench_k=(16, 128), bench_batches=(1, 16, 64)):
     cpu_16, flops_16 = results[16, b]
     cpu_all, flops_all = timed(16, b, (0.0, 1.0))
     f_16 = nfe(16, 4.0, presets[16]["cfg_interval"])[1]
-    print(f"CFG interval (K=16, batch {b}): CPU time {presets[16]['cfg_interval']} / CFG on every "
-          f"step = {cpu_16 / cpu_all:.3f}; NFE predicts {f_16 / 2:.3f}, FLOPs "
+    print(f"CFG interval (K=16, batch {b}): CPU time {presets[16]['cfg_interval']} / CFG on "
+          f"every step = {cpu_16 / cpu_all:.3f}; NFE predicts {f_16 / 2:.3f}, FLOPs "
           f"{flops_16 / flops_all:.3f}")
     if (128, b) in results:
         cpu_128, flops_128 = results[128, b]
@@ -657,11 +665,11 @@ def bench(bench_k=(16, 128), bench_batches=(1, 16, 64)):
               f"predicts {128 * f_128 / (16 * f_16):.2f}, FLOPs {flops_128 / flops_16:.2f}")
 
 
-# ==== Command line: a grid for eyes, an ADM .npz for FID (the same bytes on any process count) =
+# ==== Command line: a grid for eyes, an ADM .npz for FID (the same bytes on any process count)
 def check_writable(flag, path, folder):
     """Fail before sampling when `folder` (of `flag path`) is not a folder we can write in."""
     if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag} {path}: {folder} is not a folder we can write in: create it first")
+        raise ValueError(f"{flag} {path}: {folder} is no folder we can write in: create it")
 
 
 def check_flags(args):
@@ -675,7 +683,7 @@ def check_flags(args):
         raise ValueError(f"--cfg-interval {t_min} {t_max}: pass T_MIN < T_MAX (CFG iff T_MIN < "
                          f"s <= T_MAX)")
     if args.fid_ref is not None and args.out is None:
-        raise ValueError(f"--fid-ref {args.fid_ref} needs bulk mode: pass --num-images and --out")
+        raise ValueError(f"--fid-ref {args.fid_ref} is for bulk mode: add --num-images, --out")
     ddpm_steps = args.head_steps if args.head_sampler == "ddpm" else None
     if ddpm_steps is not None and not 2 <= ddpm_steps <= 1000:
         raise ValueError(f"--head-steps {ddpm_steps}: DDPM respaces 1000 steps: pass 2 to 1000")
@@ -685,7 +693,7 @@ def check_flags(args):
             raise FileNotFoundError(f"{flag} {path} does not exist: pass an existing path")
     # the output paths, checked now rather than after sampling
     if args.out is None and Path(args.grid).is_dir():
-        raise ValueError(f"--grid {args.grid} is a folder: pass a file name such as samples.png")
+        raise ValueError(f"--grid {args.grid} is a folder: pass a file name, e.g. samples.png")
     if args.out is None:
         check_writable("--grid", args.grid, Path(args.grid).parent)
         return
@@ -698,7 +706,7 @@ def check_flags(args):
 
 
 def run(args):
-    """Check every flag, load the model and its tokenizer, then write a grid or the bulk .npz."""
+    """Check every flag, load the model and its tokenizer, then write a grid or a bulk .npz."""
     import tokenizer
     check_flags(args)
     ddp = setup_distributed()
@@ -709,14 +717,14 @@ def run(args):
         raise ValueError(f"--classes {max(args.classes)}: the model has {num_classes} classes "
                          f"(0-{num_classes - 1})")
     if args.num_images is not None and args.num_images % num_classes:
-        raise ValueError(f"--num-images {args.num_images}: pass a multiple of the {num_classes} "
-                         f"classes")
+        raise ValueError(f"--num-images {args.num_images}: pass a multiple of the "
+                         f"{num_classes} classes")
     kind = default_tokenizer(model.config)
     if args.tokenizer not in (None, kind):
-        raise ValueError(f"--tokenizer {args.tokenizer} disagrees with --ckpt {args.ckpt} ({kind} "
-                         f"tokens): the checkpoint wins, drop --tokenizer")
-    sampler_kwargs = settings(model, args.num_iter, args.head_sampler, args.head_steps, args.cfg,
-                              args.cfg_schedule, args.cfg_interval, args.temperature,
+        raise ValueError(f"--tokenizer {args.tokenizer} disagrees with --ckpt {args.ckpt} "
+                         f"({kind} tokens): the checkpoint wins, drop --tokenizer")
+    sampler_kwargs = settings(model, args.num_iter, args.head_sampler, args.head_steps,
+                              args.cfg, args.cfg_schedule, args.cfg_interval, args.temperature,
                               args.mask_schedule)
     if kind == "pixel":  # 28 x 28 images in square patches
         tok = tokenizer.load_tokenizer("pixel", patch=28 // math.isqrt(model.seq_len))
@@ -744,14 +752,14 @@ def run(args):
 
 
 def build_parser():
-    """The flags; the sampler settings left out (None) come from the preset of the size and K."""
+    """The flags; sampler settings left out (None) come from the preset of the size and K."""
     p = argparse.ArgumentParser(description="eMIGM sampling: a grid PNG, an ADM .npz, --bench")
-    p.add_argument("--ckpt", help="our checkpoint (has a config) or an official one (with --size)")
+    p.add_argument("--ckpt", help="ours (with a config) or an official one (then --size)")
     p.add_argument("--size", choices=list(emigm.EMIGM_models), help="official checkpoints only")
     p.add_argument("--img-size", type=int, choices=[256, 512], help="official checkpoints only")
     p.add_argument("--nfe", dest="num_iter", type=positive_int, default=16,
-                   help="K, the mask-prediction steps; the paper names a setting by K: '128 x 1.4'"
-                        " is K = 128, NFE = 128 x 1.4 passes. Presets: 16, 128 (512 px: 16, 64)")
+                   help="K, the mask-prediction steps (the paper names a setting by K: '128 x "
+                        "1.4' is K = 128, NFE = 128 x 1.4 passes). Presets: 16, 128; 512 px: 16, 64")
     p.add_argument("--cfg", type=guidance_scale, help=">= 1 (preset: 4.0)")
     p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="preset: constant")
     p.add_argument("--cfg-interval", type=unit_interval, nargs=2, metavar=("T_MIN", "T_MAX"),

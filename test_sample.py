@@ -1,11 +1,13 @@
-"""Tests of sample.py: equality with the official sampler's vectors (DPM-Solver++, schedules, a teacher-forced
-sample_tokens trace), an analytic Gaussian for both head samplers, exact small cases of the reveal counts, the CFG
-interval and guidance, NFE, the paper's presets, and the command line (1 vs 2 processes give identical bytes; every
-bad input is a one-line error that changes no file). Run: python -m pytest -q test_sample.py
+"""Tests of sample.py: equality with the official sampler's vectors (DPM-Solver++, schedules, a
+teacher-forced sample_tokens trace), an analytic Gaussian for both head samplers, exact small cases
+of the reveal counts, the CFG interval and guidance, NFE, the paper's presets, and the command line
+(1 vs 2 processes give identical bytes; every bad input is a one-line error that changes no file).
+Run: python -m pytest -q test_sample.py
 
-fp32 comparisons with the official vectors assert err <= MARGIN x spread, where spread is the same computation's
-fp32-vs-fp64 difference on the same inputs, measured in the test: the official fp32 result and ours each sit about
-one spread from the exact value, and another CPU's summation order moves ours by about that much again."""
+fp32 comparisons with the official vectors assert err <= MARGIN x spread, where spread is the same
+computation's fp32-vs-fp64 difference on the same inputs, measured in the test: the official fp32
+result and ours each sit about one spread from the exact value, and another CPU's summation order
+moves ours by about that much again."""
 import copy
 import os
 import subprocess
@@ -27,7 +29,8 @@ MARGIN = 10
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Small tensors on a shared 2-core machine: one thread is ~3x faster than two fighting (restored after)."""
+    """Small tensors on a shared 2-core machine: one thread is ~3x faster than two fighting
+    (restored after)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -39,7 +42,8 @@ def rel(a, b):
 
 
 def fp64(model):
-    """An fp64 copy; emigm computes the head's sinusoidal time features in fp32, the MLP after them runs in fp64."""
+    """An fp64 copy; emigm computes the head's sinusoidal time features in fp32, the MLP after them
+    runs in fp64."""
     model = copy.deepcopy(model).double()
     net = model.diffloss.net if hasattr(model, "diffloss") else model
     net.time_embed.mlp.register_forward_pre_hook(lambda module, args: (args[0].double(),))
@@ -62,7 +66,9 @@ def official():
 
 
 def test_dpm_solver_matches_official(official):
-    sc, dpm, ns = REF["schedules"], REF["dpm"], sample.noise_schedule()
+    sc = REF["schedules"]
+    dpm = REF["dpm"]
+    ns = sample.noise_schedule()
     assert ns.total_N == sc["ns_total_N_after_lambda_clip"] == 996
     # computed in fp64 and cast: equal unless a value sat within 1e-16 of a float32 rounding boundary
     assert torch.equal(ns.t_array, sc["ns_t_array"][0])
@@ -112,7 +118,8 @@ def test_reveal_and_cfg_schedules_match_official():
 
 
 def test_presets_are_the_papers():
-    """Table 2's "16 x 1.2" and "128 x 1.4", Table 3's "64 x 1.25"; settings() fills what is not given."""
+    """Table 2's "16 x 1.2" and "128 x 1.4", Table 3's "64 x 1.25"; settings() fills what is not
+    given."""
     for (size, img_size), presets in sample.PRESETS.items():
         for k, preset in presets.items():
             assert set(preset) == {"head_steps", "cfg", "cfg_schedule", "cfg_interval"}
@@ -135,8 +142,8 @@ def test_presets_are_the_papers():
 
 
 def test_cfg_interval_bounds():
-    """CFG iff t_min < s <= t_max, s the next time: an interval whose ends are two of the times themselves
-    includes its upper end and excludes its lower end (the official test)."""
+    """CFG iff t_min < s <= t_max, s the next time: an interval whose ends are two of the times
+    themselves includes its upper end and excludes its lower end (the official test)."""
     s = sample.reveal_schedule(16)[0][1:]  # (K,) decreasing
     active = sample.cfg_steps(16, 3.0, (s[9].item(), s[5].item()))
     assert active.tolist() == [k in range(5, 9) for k in range(16)]
@@ -144,8 +151,9 @@ def test_cfg_interval_bounds():
 
 
 def test_ddpm_guidance_is_uncond_plus_cfg_times_difference():
-    """With eps linear in the condition, guiding eps (eps_u + cfg (eps_c - eps_u)) is the same as running unguided
-    on the condition u + cfg (c - u): the same elementwise fp32 operations on the same numbers, so equal bits."""
+    """With eps linear in the condition, guiding eps (eps_u + cfg (eps_c - eps_u)) is the same as
+    running unguided on the condition u + cfg (c - u): the same elementwise fp32 operations on the
+    same numbers, so equal bits."""
     def net(x, t, c):  # eps = the condition, the variance output 0
         return torch.cat([c, torch.zeros_like(x)], dim=1)
 
@@ -158,17 +166,20 @@ def test_ddpm_guidance_is_uncond_plus_cfg_times_difference():
 
 
 def test_teacher_forced_trace_matches_official(official):
-    """Replaying the official run's revealed positions and head noise gives its tokens (measured: errors
-    4.8e-7, 4.2e-7, 4.4e-7, 1.7e-7 per step against spreads 4.3e-7, 3.2e-7, 3.1e-7, 1.7e-7)."""
+    """Replaying the official run's revealed positions and head noise gives its tokens (measured:
+    errors 4.8e-7, 4.2e-7, 4.4e-7, 1.7e-7 per step against spreads 4.3e-7, 3.2e-7, 3.1e-7,
+    1.7e-7)."""
     tr = REF["sampler_trace"]
-    B, steps = tr["bsz"], tr["steps"]
+    B = tr["bsz"]
+    steps = tr["steps"]
     guided = sample.cfg_steps(tr["num_iter"], tr["cfg"], (tr["cfg_t_min"], tr["cfg_t_max"])).tolist()
     assert guided == [s["cfg_active"] for s in steps]
     official64 = fp64(official)
     tokens = torch.zeros(B, 16, 16)
     tokens64 = torch.zeros(B, 16, 16, dtype=torch.float64)
     mask = torch.ones(B, 16, dtype=torch.bool)
-    errors, spreads = [], []
+    errors = []
+    spreads = []
     for k, s in enumerate(steps):
         assert torch.equal(torch.cat([mask, mask] if guided[k] else [mask]).float(), s["mask_in"])
         assert len(set(s["mask_to_pred"].sum(1).tolist())) == 1  # the same count in every row
@@ -190,15 +201,18 @@ def test_teacher_forced_trace_matches_official(official):
 
 @pytest.mark.parametrize("head,steps", [("dpm-solver", 8), ("dpm-solver", 14), ("ddpm", 50)])
 def test_analytic_gaussian(head, steps):
-    """Data ~ N(m, s^2) per channel has the closed-form eps predictor; the samples recover m and s within 1% (the
-    std within 1.5% at 8 steps). DPM-Solver runs on normal quantiles (deterministic, so this measures the solver, not
-    Monte Carlo noise). Measured std errors of the official 8-step solver: -7% at s = 0.5, -1.0% at 0.8, +1.2% at 1.0,
-    +2.5% at 1.2; 14 steps: -1.3%, -0.1%, +0.4%, +0.5%; 9 to 11 steps (orders ending in 1 or 2) are off by 3-19%.
-    The means sit ~0.6% s low: the lambda clip starts the solver at alpha_T = e^-5.1, not 0 (official).
-    DDPM with the exact reverse variance is exact in distribution for any respacing (50 steps to save time); its
-    Monte Carlo standard errors at n = 50k are 0.24% of |m| and 0.32% of s, so 1% is more than 3 of them."""
-    m, s = torch.tensor([1.5, -2.0]), torch.tensor([0.8, 1.0])  # latents are scaled to about unit variance
-    ns, ac = sample.noise_schedule(), emigm.GaussianDiffusion().alphas_cumprod.float()
+    """Data ~ N(m, s^2) per channel has the closed-form eps predictor; the samples recover m and s
+    within 1% (the std within 1.5% at 8 steps). DPM-Solver runs on normal quantiles (deterministic,
+    so this measures the solver, not Monte Carlo noise). Measured std errors of the official 8-step
+    solver: -7% at s = 0.5, -1.0% at 0.8, +1.2% at 1.0, +2.5% at 1.2; 14 steps: -1.3%, -0.1%, +0.4%,
+    +0.5%; 9 to 11 steps (orders ending in 1 or 2) are off by 3-19%. The means sit ~0.6% s low: the
+    lambda clip starts the solver at alpha_T = e^-5.1, not 0 (official). DDPM with the exact reverse
+    variance is exact in distribution for any respacing (50 steps to save time); its Monte Carlo
+    standard errors at n = 50k are 0.24% of |m| and 0.32% of s, so 1% is more than 3 of them."""
+    m = torch.tensor([1.5, -2.0])
+    s = torch.tensor([0.8, 1.0])  # latents are scaled to about unit variance
+    ns = sample.noise_schedule()
+    ac = emigm.GaussianDiffusion().alphas_cumprod.float()
 
     def net(x, t, c):
         if head == "ddpm":  # the net sees the original step; the exact reverse variance as the learned one
@@ -216,7 +230,8 @@ def test_analytic_gaussian(head, steps):
         eps = (1 - a2).sqrt() * (x - a2.sqrt() * m) / (a2 * s ** 2 + 1 - a2)
         return torch.cat([eps, v], dim=1)
 
-    gen, n = torch.Generator().manual_seed(0), 50_000 if head == "ddpm" else 20_000
+    gen = torch.Generator().manual_seed(0)
+    n = 50_000 if head == "ddpm" else 20_000
     if head == "ddpm":
         x = sample.ddpm_sample(net, torch.randn(n, 2, generator=gen), torch.zeros(n, 1), steps=steps, generator=gen)
     else:
@@ -227,22 +242,26 @@ def test_analytic_gaussian(head, steps):
 
 
 def test_respacing_keeps_the_noise_levels_of_the_kept_steps():
-    full, spaced = emigm.GaussianDiffusion(), sample.respaced(100)
+    full = emigm.GaussianDiffusion()
+    spaced = sample.respaced(100)
     assert spaced.num_steps == 100 and spaced.timesteps[0] == 0 and spaced.timesteps[-1] == 999
     assert torch.allclose(spaced.alphas_cumprod, full.alphas_cumprod[spaced.timesteps], rtol=1e-9, atol=0)
     assert torch.equal(emigm.GaussianDiffusion(respace=1000).betas, full.betas)  # 1000 of 1000: the training schedule
 
 
 def expected_reveals(L, shares):
-    """The exact expected count revealed per step (dynamic programming over the number still masked, with the
-    at-least-one rule)."""
-    dist, expected = np.eye(L + 1)[L], []  # P(#masked = M)
+    """The exact expected count revealed per step (dynamic programming over the number still masked,
+    with the at-least-one rule)."""
+    dist = np.eye(L + 1)[L]  # P(#masked = M)
+    expected = []
     for pk in shares:
-        new, e = np.zeros(L + 1), 0.0
+        new = np.zeros(L + 1)
+        e = 0.0
         new[0] = dist[0]
         for M in range(1, L + 1):
             pmf = binom.pmf(np.arange(M + 1), M, pk)
-            pmf[1], pmf[0] = pmf[1] + pmf[0], 0.0  # nothing drawn -> one token
+            pmf[1] += pmf[0]  # nothing drawn -> one token
+            pmf[0] = 0.0
             e += dist[M] * (pmf * np.arange(M + 1)).sum()
             new[M - np.arange(M + 1)] += dist[M] * pmf
         dist = new
@@ -251,12 +270,15 @@ def expected_reveals(L, shares):
 
 
 def test_reveal_counts_follow_the_schedule():
-    """Every row reveals the same count, the counts sum to L, their means match the exact expectation within 4
-    standard errors, and no position is favoured (5 standard errors)."""
-    L, K, trials = 64, 8, 1000
+    """Every row reveals the same count, the counts sum to L, their means match the exact
+    expectation within 4 standard errors, and no position is favoured (5 standard errors)."""
+    L = 64
+    K = 8
+    trials = 1000
     p = sample.reveal_schedule(K, "exp")[1].tolist()
     expected = expected_reveals(L, p)
-    counts, step_of = np.zeros((trials, K)), np.zeros((trials, 3, L))
+    counts = np.zeros((trials, K))
+    step_of = np.zeros((trials, 3, L))
     gen = torch.Generator().manual_seed(0)
     for i in range(trials):
         mask = torch.ones(3, L, dtype=torch.bool)
@@ -300,9 +322,13 @@ def record_passes(model, monkeypatch):
 
 @pytest.mark.parametrize("cfg,interval", [(1.0, (0.0, 1.0)), (3.0, (0.1, 0.3)), (3.0, (0.0, 1.0))])
 def test_cfg_branch_and_nfe(tiny, monkeypatch, cfg, interval):
-    """The unconditional rows run exactly on the steps inside the interval (never with cfg = 1), a pass per step as
-    NFE counts, and the head sees only the tokens revealed now (its batch: B x n_k, doubled on CFG steps)."""
-    K, B, L, steps = 16, 3, tiny.seq_len, 4
+    """The unconditional rows run exactly on the steps inside the interval (never with cfg = 1), a
+    pass per step as NFE counts, and the head sees only the tokens revealed now (its batch: B x n_k,
+    doubled on CFG steps)."""
+    K = 16
+    B = 3
+    L = tiny.seq_len
+    steps = 4
     passes = record_passes(tiny, monkeypatch)
     head_rows = []
     hook = tiny.diffloss.net.register_forward_hook(lambda mod, i, o: head_rows.append(len(i[0])))
@@ -320,12 +346,14 @@ def test_cfg_branch_and_nfe(tiny, monkeypatch, cfg, interval):
 
 
 def test_mask_schedule_flag(monkeypatch):
-    """mask_schedule plans the reveals with another gamma_t than the model's (Fig. 3a); None keeps the model's.
-    At K = 2 the first step reveals max(Binomial(L, p), 1) tokens, p = 1 - gamma(0.5)/gamma(1): its mean over 40
-    runs must be within 4 standard errors of the exact value, and the schedules' means are >= 10 errors apart."""
+    """mask_schedule plans the reveals with another gamma_t than the model's (Fig. 3a); None keeps
+    the model's. At K = 2 the first step reveals max(Binomial(L, p), 1) tokens, p = 1 -
+    gamma(0.5)/gamma(1): its mean over 40 runs must be within 4 standard errors of the exact value,
+    and the schedules' means are >= 10 errors apart."""
     model = seeded(0, **dict(TINY_CONFIG, mask_schedule="cosine"))
     passes = record_passes(model, monkeypatch)
-    L, runs = model.seq_len, 40
+    L = model.seq_len
+    runs = 40
     for schedule in (None, "linear", "cosine", "exp"):
         share = sample.reveal_schedule(2, schedule or "cosine")[1][0].item()
         first = []
@@ -365,7 +393,8 @@ def test_bulk_npz_identical_for_1_and_2_processes(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_files(tiny, tmp_path_factory):
-    """A folder with what a user may already have written: checkpoints, a grid, a bulk run's first batch."""
+    """A folder with what a user may already have written: checkpoints, a grid, a bulk run's first
+    batch."""
     folder = tmp_path_factory.mktemp("cli")
     save_tiny(tiny, folder / "tiny.pt")
     save_tiny(tiny, folder / "bad_size.pt", ema=seeded(1, **dict(TINY_CONFIG, width=48)).state_dict())
@@ -411,7 +440,8 @@ BAD_INPUTS = [  # (flags after BASE, or a whole command line when it starts with
 
 @pytest.mark.parametrize("flags,needle", BAD_INPUTS)
 def test_bad_inputs_are_one_line_errors(cli_files, capsys, flags, needle):
-    """Exit status 2, no traceback, a last line that names the flag, and no file written or changed."""
+    """Exit status 2, no traceback, a last line that names the flag, and no file written or
+    changed."""
     if flags.startswith("!"):
         argv = flags[1:].format(d=cli_files).split()
     else:
@@ -444,7 +474,8 @@ def test_ema_by_default(tiny, tmp_path):
 
 
 def test_seeds_give_different_samples_on_cpu(tiny, tmp_path):
-    """--seed must change the noise on CPU, whose generator keeps only 32 bits of a seed: (seed << 32) + j did not."""
+    """--seed must change the noise on CPU, whose generator keeps only 32 bits of a seed: (seed <<
+    32) + j did not."""
     assert len({sample.batch_seed(seed, j) for seed in range(4) for j in range(4)}) == 16
     assert all(0 <= sample.batch_seed(seed, 0) < 2**32 for seed in (0, 1, 2**40))
     save_tiny(tiny, tmp_path / "tiny.pt")
