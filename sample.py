@@ -408,8 +408,10 @@ def load_model(path, size=None, img_size=None, ema=True, device="cpu"):
     if config is None:
         model = emigm.create_emigm(size, 256 if img_size is None else img_size)
     else:
-        found = preset_size(tuple(config[name] for name in ARCHITECTURE))  # (size, img) or None
         own_img_size = {"kl16": 256, "dcae": 512, "pixel": 28}[default_tokenizer(config)]
+        found = None
+        if size is not None:
+            found = preset_size(tuple(config[name] for name in ARCHITECTURE))  # (size, img)
         if size is not None and (found is None or found[0] != size):
             kind = "custom" if found is None else f"{found[0]} at {found[1]} px"
             raise ValueError(f"--size {size} disagrees with --ckpt {path}, a {kind} model: the "
@@ -469,13 +471,13 @@ def bulk(model, tok, sampler_kwargs, num_images, out, seed, batch_size, rank, wo
     """OUT/samples.npz: arr_0 the images, arr_1 the labels i % classes. Batch j, seeded from
     (seed, j), goes to rank j % world_size and its own file: the bytes do not depend on the number
     of processes; a restart skips written batches. fid_ref: metrics after sampling."""
-    import fid
     from tqdm import tqdm
     parts = Path(out) / "batches"
     labels = torch.arange(num_images) % model.num_classes
     batches = labels.split(batch_size)
     network = None
     if fid_ref not in (None, "fashion-mnist") and rank == 0:  # fail now, not after sampling
+        import fid
         network = fid.load_inception(inception, device)
     parts.mkdir(parents=True, exist_ok=True)
     times = []  # (seconds, images) of each batch sampled here
@@ -497,8 +499,10 @@ def bulk(model, tok, sampler_kwargs, num_images, out, seed, batch_size, rank, wo
     arr = np.concatenate([np.load(parts / f"{j:06d}.npy") for j in range(len(batches))])
     np.savez(Path(out) / "samples.npz", arr_0=arr, arr_1=labels.numpy())
     shutil.rmtree(parts)
-    print(f"wrote {Path(out) / 'samples.npz'}: {arr.shape} uint8")
+    per_class = num_images // model.num_classes
+    print(f"wrote {Path(out) / 'samples.npz'}: {arr.shape} uint8, {per_class} per class")
     if fid_ref == "fashion-mnist":  # our offline metric for 28 x 28 data, not Inception FID
+        import fid
         import tokenizer
         metric = fid.SmallDataMetric(*tokenizer.load_fashion_mnist("train"), str(METRIC_CACHE))
         print(fid.SmallDataMetric.label, metric.evaluate(arr[..., 0], labels.numpy()))
@@ -515,11 +519,10 @@ class Distributed:
 
 
 def setup_distributed():
-    """DiT's set-up, made optional: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python
-    is one process."""
+    """DiT's set-up, made optional: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is one process."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # this process's GPU on its node
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the GPU of this process on its node (not the global rank)
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -531,21 +534,21 @@ def setup_distributed():
 
 
 def batch_seed(seed, index):
-    """The generator seed of batch `index` of a run seeded `seed`, the same on every rank and
-    device. The CPU generator keeps 32 bits of a seed, so (seed, index) is hashed into 32 bits
-    (numpy's SeedSequence): (seed << 32) + index would keep only the index there."""
+    """The generator seed of batch `index` of a run seeded `seed`, the same on every rank and device.
+    The CPU generator keeps only 32 bits of a seed, so (seed, index) is hashed into 32 bits (numpy's SeedSequence):
+    (seed << 32) + index would keep only the index there."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def peak_memory_gb(device):
-    """Peak memory of this process: allocated on the GPU, or the peak RSS on CPU (Linux)."""
+    """Peak memory of this process: allocated on the GPU, or the peak RSS on CPU (Linux reports it in KiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
-    """The fp32 matmul peak in FLOP per second of `clock`, the best of `repeats` 2048^3."""
+    """The fp32 matmul peak of this process in FLOP per second of `clock`: the best of `repeats` 2048^3 products."""
     a = torch.randn(2048, 2048, device=device)
     best = 0.0
     for _ in range(repeats):
@@ -557,8 +560,8 @@ def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
     return best
 
 
-# Command-line value types (train.py uses them too): argparse turns a bad value into a one-line
-# error, exit 2, before any work. 0 is a value: only a flag left out (None) means "the default".
+# ---- Command-line value types (train.py uses them too): argparse turns a bad value into a one-line error, exit 2,
+# before any work starts. 0 is a value like any other: only a flag left out (None) means "the default".
 def positive_int(text):
     """A count: steps, K, batch sizes, images."""
     value = int(text)
