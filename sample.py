@@ -713,7 +713,8 @@ def run(args):
     import tokenizer
     check_flags(args)
     ddp = setup_distributed()
-    model, flags = load_model(args.ckpt, args.size, args.img_size, not args.no_ema, ddp.device)
+    model, flags = load_model(args.ckpt, args.size, args.img_size, ema=not args.no_ema,
+                              device=ddp.device)
     # the flags that must agree with the checkpoint's model
     num_classes = model.num_classes
     if args.classes is not None and max(args.classes) >= num_classes:
