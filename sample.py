@@ -27,12 +27,12 @@ import emigm
 SAMPLER_EPS = 1e-5  # the sampler's last time (training uses emigm.TRAIN_T_EPS)
 LAMBDA_CLIP = -5.1  # DPM-Solver drops the last steps with logSNR / 2 below this (4 of 1000)
 GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # ImageNet classes (DiT's sample.py)
-METRIC_CACHE = Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"  # the small-data metric
+METRIC_CACHE = Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"  # fid.SmallDataMetric's
 CFG_SCHEDULES = ("constant", "linear", "power", "cubic", "exp", "cosine")  # see cfg_scale
 
 # ==== 1. The reveal schedule (Sec. 3; the mask schedule gamma_t of Fig. 3a) ====
 def reveal_schedule(num_iter, schedule="exp"):
-    """Times 1 = t_0 > ... > t_K = 1e-5 (K + 1,); step t -> s reveals 1 - gamma_s / gamma_t (K,)."""
+    """Times 1 = t_0 > ... > t_K = 1e-5 (K + 1,); step t -> s reveals 1 - gamma_s / gamma_t."""
     times = torch.linspace(1, SAMPLER_EPS, num_iter + 1)  # float32, as the official code
     share = 1 - emigm.mask_ratio(times[1:], schedule) / emigm.mask_ratio(times[:-1], schedule)
     share[-1] = 1.0  # the last step reveals everything
@@ -44,7 +44,7 @@ def draw(fn, shape, generator, device):  # torch.rand or randn from `generator`,
     return fn(shape, generator=generator, device=generator.device).to(device)
 
 def choose_reveal(mask, share, generator=None):
-    """mask (B, L) -> a uniform n-subset of its masked positions per row, n ~ Bin(#masked, share)."""
+    """mask (B, L) -> a uniform n-subset of each row's masked positions, n ~ Bin(#masked, share)."""
     if share >= 1:
         return mask.clone()
     coins = draw(torch.rand, int(mask[0].sum()), generator, mask.device)  # row 0's (official)
@@ -83,7 +83,7 @@ class SolverTime:  # a time t of the solver, alpha_t and sigma_t (0-d fp32)
     sigma: torch.Tensor
 
 @dataclass
-class SolverStep:  # s -> t, h = lambda_t - lambda_s; s1, s2 at lambda_s + r1 h, lambda_s + r2 h
+class SolverStep:  # s -> t, h = lambda_t - lambda_s; s1 and s2 at lambda_s + r1 h and + r2 h
     order: int
     s: SolverTime
     t: SolverTime
@@ -123,7 +123,7 @@ def noise_schedule():
 
 @lru_cache(maxsize=None)
 def dpm_plan(steps):
-    """`steps` net calls: steps // 3 + 1 intervals uniform in lambda, order 3 and a tail of 2 and/or 1."""
+    """`steps` net calls: steps // 3 + 1 intervals uniform in lambda, order 3 but a tail of 2, 1."""
     ns = noise_schedule()
     num_intervals = steps // 3 + 1
     orders = [3] * (num_intervals - 1) + [steps % 3]
@@ -197,7 +197,7 @@ def ddpm_sample(net, noise, cond, uncond=None, cfg=1.0, steps=100, temperature=1
     c_in = torch.cat([cond, uncond]) if guided else cond  # one call on [x; x], MAR's order
     x = noise
     for i in reversed(range(steps)):
-        t = torch.full((len(c_in),), int(diffusion.timesteps[i]), device=x.device)  # original step
+        t = torch.full((len(c_in),), int(diffusion.timesteps[i]), device=x.device)  # unspaced
         out = net(torch.cat([x, x]) if guided else x, t, c_in)  # (N or 2N, 2C): [eps | var]
         eps = out[:len(x), :C]
         if guided:
@@ -219,21 +219,22 @@ def predict_revealed(model, tokens, mask, reveal, class_emb, *, cfg=1.0, guided=
     """One step: the transformer on tokens (B, L, C), mask (B, L), class_emb (B, D); the head on
     the tokens of reveal (B, L), from noise (n, C) (None: drawn). -> new tokens (B, L, C)."""
     B, L, C = tokens.shape
-    # CFG with mask (Fig. 2e): [cond; uncond] rows, the same masked input, the fake class embedding
+    # CFG with mask (Fig. 2e): [cond; uncond] rows of the same input, the fake class embedding
     x = torch.cat([tokens, tokens]) if guided else tokens  # (B or 2B, L, C)
     m = torch.cat([mask, mask]) if guided else mask
     c = class_emb
     if guided:
         c = torch.cat([class_emb, model.fake_latent.expand(B, -1).to(class_emb.dtype)])
-    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):  # mae encoder, decoder: bf16
+    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):  # the transformer
         z = model.forward_decoder(model.forward_encoder(x, m, c), m)  # (B or 2B, L, D)
     # diffloss on the tokens revealed now, row-major as the official z[mask_to_pred]
     z_cond = z[:B][reveal].to(tokens.dtype)  # (n, D)
     z_uncond = z[B:][reveal].to(tokens.dtype) if guided else None
     if noise is None:
         noise = draw(torch.randn, (len(z_cond), C), generator, z.device)
-    head = HEAD_SAMPLERS[head_sampler](model.diffloss.net, noise.to(z_cond), z_cond, z_uncond, cfg=cfg,
-                                       steps=head_steps, temperature=temperature, generator=generator)
+    head = HEAD_SAMPLERS[head_sampler](model.diffloss.net, noise.to(z_cond), z_cond, z_uncond,
+                                       cfg=cfg, steps=head_steps, temperature=temperature,
+                                       generator=generator)  # (n, C)
     return tokens.masked_scatter(reveal[..., None], head.to(tokens.dtype))  # tokens[reveal] = head
 
 @torch.no_grad()
@@ -258,9 +259,10 @@ def sample_tokens(model, labels, num_iter=16, cfg=4.0, cfg_schedule="constant",
         scale = cfg
         if cfg_schedule != "constant":  # u: the share revealed after this step
             scale = cfg_scale(cfg, cfg_schedule, 1 - (mask[0].sum() - reveal[0].sum()).item() / L)
-        tokens = predict_revealed(model, tokens, mask, reveal, class_emb, cfg=scale, guided=guided[k],
-                                  head_sampler=head_sampler, head_steps=head_steps,
-                                  temperature=temperature, generator=generator)
+        tokens = predict_revealed(model, tokens, mask, reveal, class_emb, cfg=scale,
+                                  guided=guided[k], head_sampler=head_sampler,
+                                  head_steps=head_steps, temperature=temperature,
+                                  generator=generator)
         mask = mask & ~reveal
     return tokens
 
@@ -268,18 +270,20 @@ def sample_tokens(model, labels, num_iter=16, cfg=4.0, cfg_schedule="constant",
 # (size, image size) -> K -> sample_tokens' settings; "16 x 1.2" is K = 16 with NFE factor 1.2
 K16 = dict(head_steps=8, cfg=4.0, cfg_schedule="constant", cfg_interval=(0.1, 0.3))
 K128 = dict(head_steps=14, cfg=4.0, cfg_schedule="constant", cfg_interval=(0.18, 0.6))
+K16_512 = dict(K16, cfg_interval=(0.15, 0.35))  # 512 px: the official evaluation's intervals
+K64_512 = dict(K128, cfg_interval=(0.25, 0.5))
 PRESETS = {
     **{(size, 256): {16: K16, 128: K128} for size in ("XS", "S", "L")},
     ("B", 256): {16: K16, 128: dict(K128, cfg_interval=(0.05, 0.4))},
     ("H", 256): {16: dict(K16, cfg_interval=(0.2, 0.4)), 128: dict(K128, cfg_interval=(0.3, 0.7))},
-    **{(size, 512): {16: dict(K16, cfg_interval=(0.15, 0.35)), 64: dict(K128, cfg_interval=(0.25, 0.5))}
-       for size in ("XS", "S", "B", "L")},
+    **{(size, 512): {16: K16_512, 64: K64_512} for size in ("XS", "S", "B", "L")},
     ("Tiny", 28): {16: dict(K16, cfg=3.0, cfg_interval=(0.0, 1.0))},  # the CPU demo's
 }
-ARCHITECTURE = ("seq_len", "token_channels", "width", "depth", "num_heads", "head_depth", "head_width")
+ARCHITECTURE = ("seq_len", "token_channels", "width", "depth", "num_heads", "head_depth",
+                "head_width")
 
 def preset_size(config):
-    """The (size, image size) of PRESETS with the architecture of `config`, else ("custom", None)."""
+    """The (size, image size) of PRESETS with `config`'s architecture, else ("custom", None)."""
     for size, img_size in PRESETS:
         preset = emigm.TINY
         if size != "Tiny":  # emigm.SIZES: the transformer, and the head per image size
@@ -292,14 +296,15 @@ def preset_size(config):
 
 def settings(model, num_iter, head_sampler="dpm-solver", head_steps=None, cfg=None,
              cfg_schedule=None, cfg_interval=None, temperature=1.0, mask_schedule=None):
-    """sample_tokens' keyword arguments: those given, the rest (None) from the model's preset."""
+    """sample_tokens' keyword arguments: those given, the others (None) from the preset."""
     if head_sampler == "ddpm" and head_steps is None:
         head_steps = 100  # MAR's
-    given = dict(head_steps=head_steps, cfg=cfg, cfg_schedule=cfg_schedule, cfg_interval=cfg_interval)
+    given = dict(head_steps=head_steps, cfg=cfg, cfg_schedule=cfg_schedule,
+                 cfg_interval=cfg_interval)
     preset = PRESETS.get(preset_size(model.config), {}).get(num_iter)
     if preset is None and None in given.values():
-        raise ValueError(f"--nfe {num_iter}: no preset for K = {num_iter} and this model "
-                         f"(sample.PRESETS): pass --head-steps --cfg --cfg-schedule --cfg-interval")
+        raise ValueError(f"--nfe {num_iter}: no preset for K = {num_iter} and this model: pass "
+                         f"--head-steps --cfg --cfg-schedule --cfg-interval")
     for name, value in given.items():
         if value is None:
             given[name] = preset[name]
@@ -308,10 +313,10 @@ def settings(model, num_iter, head_sampler="dpm-solver", head_steps=None, cfg=No
                 mask_schedule=mask_schedule, **given)
 
 # ==== Checkpoints, grids and the bulk .npz (DiT's sample.py and sample_ddp.py) ====
-TOKENIZERS = {(256, 16): ("kl16", 256), (256, 32): ("dcae", 512)}  # (L, C) -> tokenizer, image size
+TOKENIZERS = {(256, 16): ("kl16", 256), (256, 32): ("dcae", 512)}  # (L, C) -> tokenizer, pixels
 
 def load_model(path, size=None, img_size=None, ema=True, device="cpu", tokenizer=None):
-    """-> (model, training flags): ours from their 'config', official ones from size, img_size."""
+    """-> (model, training flags): ours from the 'config', official ones from size, img_size."""
     checkpoint = emigm.load_checkpoint(path)  # one-line errors for unreadable files
     config = checkpoint.get("config")
     if config is None and size is None:
@@ -326,7 +331,7 @@ def load_model(path, size=None, img_size=None, ema=True, device="cpu", tokenizer
     for flag, value, own in (("--size", size, own_size), ("--img-size", img_size, own_img_size),
                              ("--tokenizer", tokenizer, kind)):
         if value is not None and value != own:
-            raise ValueError(f"{flag} {value} disagrees with --ckpt {path} ({own}): drop {flag}")
+            raise ValueError(f"{flag} {value}: --ckpt {path} holds {own}: drop {flag}")
     try:
         emigm.load_weights(model, checkpoint, ema=ema)
     except ValueError as error:
@@ -346,7 +351,7 @@ def generate(model, tok, labels, sampler_kwargs, seed, device):
     return images.expand(-1, -1, -1, 3).cpu().numpy()
 
 def save_grid(model, tok, classes, per_class, sampler_kwargs, seed, batch_size, path, device):
-    """A PNG, per_class images of each class (None: all if <= 16, else DiT's 8); seeds as bulk."""
+    """A PNG of per_class images per class (None: all if <= 16, else DiT's 8); seeds as bulk."""
     from PIL import Image
     if classes is None:
         classes = list(GRID_CLASSES) if model.num_classes > 16 else list(range(model.num_classes))
@@ -423,7 +428,7 @@ def setup_distributed():
     return Distributed(rank, world_size, device)
 
 def batch_seed(seed, index):
-    """A 32-bit hash of (seed, index): the CPU generator keeps 32 bits (so no (seed << 32) + index)."""
+    """A 32-bit hash of (seed, index): a CPU generator keeps only 32 bits of its seed."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 def peak_memory_gb(device):
@@ -433,7 +438,7 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
-    """The fp32 matmul peak in FLOP per second of `clock`: the best of `repeats` 2048^3 products."""
+    """The fp32 matmul peak, FLOP per second of `clock`: the best of `repeats` 2048^3 products."""
     a = torch.randn(2048, 2048, device=device)
     best = 0.0
     for _ in range(repeats):
@@ -444,7 +449,7 @@ def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
         best = max(best, 2 * 2048**3 / (clock() - start))
     return best
 
-# ---- Command-line value types (train.py's too): a bad value is a one-line error, exit 2; None = the default
+# ---- Command-line value types (train.py's too): a bad value exits 2 with one line; None: default
 def positive_int(text):
     """A count: steps, K, batch sizes, images."""
     value = int(text)
@@ -487,21 +492,23 @@ def guidance_scale(text):
         raise argparse.ArgumentTypeError(f"{value} is below 1: pass a scale >= 1 (1 = no guidance)")
     return value
 
-# ==== Benchmark: the sampler on random XS weights, in CPU time (less disturbed by other jobs) ====
+# ==== Benchmark: the sampler on random XS weights ====
 def bench(bench_k=(16, 128), bench_batches=(1, 16, 64)):
-    """s/image and share of the fp32 matmul peak per K and batch; then, at the first batch size,
-    CFG on the preset interval / on every step and K = 128 / 16, beside what NFE predicts."""
+    """s/image and share of the fp32 matmul peak per K and batch; at the first batch size, CFG on
+    the interval / every step and K = 128 / 16 beside NFE. CPU time: jobs disturb it less."""
     torch.manual_seed(0)
     model = emigm.EMIGM_models["XS"]().eval()
     presets = PRESETS["XS", 256]
     flops = []  # forward hooks count exactly what runs (attention: q k^T and attn v)
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            module.register_forward_hook(lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
+            module.register_forward_hook(
+                lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
         elif isinstance(module, emigm.Attention):
             module.register_forward_hook(lambda m, i, o: flops.append(4 * o.numel() * o.shape[1]))
     peak = matmul_peak_flops(torch.device("cpu"), clock=time.process_time, repeats=5)
-    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP per CPU-second ({torch.get_num_threads()} threads)")
+    threads = torch.get_num_threads()
+    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP per CPU-second ({threads} threads)")
     b = bench_batches[0]
     every_step = (16, b, (0.0, 1.0))
     runs = [(2, 1, (0.1, 0.3))]  # a warm-up, then every K and batch, then CFG on every step
@@ -524,26 +531,26 @@ def bench(bench_k=(16, 128), bench_batches=(1, 16, 64)):
               f"TFLOP, {sum(flops) / cpu / peak:.0%} of the matmul peak", flush=True)
     k16 = (16, b, presets[16]["cfg_interval"])
     k128 = (128, b, presets[128]["cfg_interval"])
-    for name, top, bottom in (("CFG interval / every step", k16, every_step), ("K=128 / 16", k128, k16)):
+    checks = {"CFG interval / on every step": (k16, every_step), "K=128 / K=16": (k128, k16)}
+    for name, (top, bottom) in checks.items():
         if top in results and bottom in results:
+            cpu, nfe_ratio, flops_ratio = [x / y for x, y in zip(results[top], results[bottom])]
+            print(f"{name} (batch {b}): CPU time {cpu:.3f}; NFE {nfe_ratio:.3f}, FLOPs {flops_ratio:.3f}")
 
-            ratios = [x / y for x, y in zip(results[top], results[bottom])]
-            print(f"{name} (batch {b}): CPU time {ratios[0]:.3f}; NFE predicts {ratios[1]:.3f}, FLOPs "
-                  f"{ratios[2]:.3f}")
-
-# ==== Command line: a grid for eyes, an ADM .npz for FID (the same bytes on any process count) ====
+# ==== Command line: a grid for eyes, an ADM .npz for FID (the same bytes on any process count)
 def check_flags(args):
     """The checks across flags and of the paths, before any checkpoint is read."""
     if args.ckpt is None:
         raise ValueError("--ckpt is missing: pass --ckpt PATH (or --bench)")
     if (args.num_images is None) != (args.out is None) or (args.fid_ref and args.out is None):
-        raise ValueError("bulk mode takes --num-images N and --out DIR together (and --fid-ref)")
+        raise ValueError("--num-images, --out: bulk mode takes both (and --fid-ref needs them)")
     if args.cfg_interval is not None and not args.cfg_interval[0] < args.cfg_interval[1]:
         raise ValueError(f"--cfg-interval {args.cfg_interval}: pass T_MIN < T_MAX")
     ddpm_steps = args.head_steps if args.head_sampler == "ddpm" else None
     if ddpm_steps is not None and not 2 <= ddpm_steps <= 1000:
         raise ValueError(f"--head-steps {ddpm_steps}: DDPM respaces 1000 steps: pass 2 to 1000")
-    for flag, path in (("--fid-ref", args.fid_ref), ("--inception", args.inception), ("--vae", args.vae)):
+    inputs = {"--fid-ref": args.fid_ref, "--inception": args.inception, "--vae": args.vae}
+    for flag, path in inputs.items():
         if path not in (None, "fashion-mnist") and not os.path.exists(path):
             raise FileNotFoundError(f"{flag} {path} does not exist: pass an existing path")
     # the output: --grid a file in an existing folder, --out a folder (made if missing)
@@ -552,7 +559,7 @@ def check_flags(args):
     if path.exists() and path.is_dir() != (flag == "--out"):
         raise ValueError(f"{flag} {path}: pass a {'file name' if flag == '--grid' else 'folder'}")
     folder = path if flag == "--out" else path.parent
-    while flag == "--out" and not folder.exists():  # the nearest existing folder takes the new one
+    while flag == "--out" and not folder.exists():  # the nearest existing folder must take it
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise ValueError(f"{flag} {path}: {folder} is no folder we can write in: create it")
@@ -566,6 +573,7 @@ def run(args):
                               device=ddp.device, tokenizer=args.tokenizer)
     if args.classes is not None and max(args.classes) >= model.num_classes:
         raise ValueError(f"--classes {max(args.classes)}: the model has {model.num_classes} classes")
+
     if args.num_images is not None and args.num_images % model.num_classes:
         raise ValueError(f"--num-images {args.num_images}: pass a multiple of {model.num_classes}")
     sampler_kwargs = settings(model, args.num_iter, args.head_sampler, args.head_steps, args.cfg,
@@ -576,7 +584,7 @@ def run(args):
     patch = 28 // math.isqrt(model.seq_len)  # pixels only: 28 x 28 images in square patches
     tok = tokenizer.load_tokenizer(kind, vae, patch=patch).to(ddp.device).eval()
     if tok.channels != model.token_channels:
-        raise ValueError(f"{kind} tokens have {tok.channels} channels, the model {model.token_channels}")
+        raise ValueError(f"{kind} tokens: {tok.channels} channels, the model's: {model.token_channels}")
     if ddp.rank == 0:
         k, f = nfe(args.num_iter, sampler_kwargs["cfg"], sampler_kwargs["cfg_interval"])
         print(f"NFE = {k} x {f:.4f} (~{k} x {f:.1f}); {sampler_kwargs}")
@@ -613,7 +621,8 @@ def build_parser():
     p.add_argument("--vae", help="kl16.ckpt or the DC-AE diffusers directory")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
-    p.add_argument("--classes", type=nonnegative_int, nargs="+", help="grid rows (default: DiT's 8)")
+    p.add_argument("--classes", type=nonnegative_int, nargs="+", help="the grid's rows")
+
     p.add_argument("--per-class", type=positive_int, default=8)
     p.add_argument("--grid", default="samples.png", help="the grid PNG, in an existing folder")
     p.add_argument("--num-images", type=positive_int, help="bulk mode: OUT/samples.npz")
