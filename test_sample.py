@@ -80,7 +80,8 @@ def test_dpm_solver_matches_official(official):
     for steps in (8, 14):
         plan = sample.dpm_plan(steps)
         assert [p.order for p in plan] == sc[f"dpm_steps{steps}/orders"]
-        # the outer times and the net's time input (t - 1/N) * 1000 (measured: 0.0 here; spread 1.7e-5, 2.5e-5)
+        # the outer times and the net's time input (t - 1/N) * 1000
+        # (measured: 0.0 here; spread 1.7e-5, 2.5e-5)
         outer = torch.stack([plan[0].s.t] + [p.t.t for p in plan])
         outer64 = ns64.time_steps(1.0, 1 / 996, len(plan))
         assert rel(outer, sc[f"dpm_steps{steps}/timesteps_outer"]) <= MARGIN * rel(outer, outer64)
@@ -90,14 +91,15 @@ def test_dpm_solver_matches_official(official):
         for cfg in (1.0, 3.0):
             calls = []
             hook = official.diffloss.net.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
-            out = sample.dpm_solver_sample(official.diffloss.net, dpm["noise"], dpm["z_cond"], dpm["z_uncond"],
-                                           cfg, steps)
+            out = sample.dpm_solver_sample(official.diffloss.net, dpm["noise"], dpm["z_cond"],
+                                           dpm["z_uncond"], cfg, steps)
             hook.remove()
             out64 = sample.dpm_solver_sample(net64, dpm["noise"].double(), dpm["z_cond"].double(),
                                              dpm["z_uncond"].double(), cfg, steps)
             # measured: 0.0 (bit-exact) here; spread 1.6e-7 to 2.8e-7
             assert rel(out, dpm[f"steps{steps}/cfg{cfg}"]) <= MARGIN * rel(out, out64)
-            assert len(calls) == dpm[f"steps{steps}/cfg{cfg}/model_calls"] == steps  # one batched call per step
+            # one batched call per step
+            assert len(calls) == dpm[f"steps{steps}/cfg{cfg}/model_calls"] == steps
             assert set(calls) == {40 * (2 if cfg != 1 else 1)}
 
 
@@ -132,8 +134,8 @@ def test_presets_are_the_papers():
         xs = emigm.create_emigm("XS")
         b = emigm.create_emigm("B")
     assert sample.settings(xs, 128) == dict(num_iter=128, head_sampler="dpm-solver", temperature=1.0,
-                                            mask_schedule=None, head_steps=14, cfg=4.0, cfg_schedule="constant",
-                                            cfg_interval=(0.18, 0.6))
+                                            mask_schedule=None, head_steps=14, cfg=4.0,
+                                            cfg_schedule="constant", cfg_interval=(0.18, 0.6))
     assert sample.settings(b, 128, cfg=2.0)["cfg_interval"] == (0.05, 0.4)
     assert sample.settings(b, 128, cfg=2.0)["cfg"] == 2.0
     assert sample.settings(xs, 16, head_sampler="ddpm")["head_steps"] == 100  # MAR's DDPM steps
@@ -159,7 +161,8 @@ def test_ddpm_guidance_is_uncond_plus_cfg_times_difference():
 
     cond, uncond = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
-    guided = sample.ddpm_sample(net, noise, cond, uncond, 2.5, steps=5, generator=torch.Generator().manual_seed(2))
+    guided = sample.ddpm_sample(net, noise, cond, uncond, 2.5, steps=5,
+                                generator=torch.Generator().manual_seed(2))
     plain = sample.ddpm_sample(net, noise, uncond + 2.5 * (cond - uncond), steps=5,
                                generator=torch.Generator().manual_seed(2))
     assert torch.equal(guided, plain)
@@ -233,7 +236,8 @@ def test_analytic_gaussian(head, steps):
     gen = torch.Generator().manual_seed(0)
     n = 50_000 if head == "ddpm" else 20_000
     if head == "ddpm":
-        x = sample.ddpm_sample(net, torch.randn(n, 2, generator=gen), torch.zeros(n, 1), steps=steps, generator=gen)
+        noise = torch.randn(n, 2, generator=gen)
+        x = sample.ddpm_sample(net, noise, torch.zeros(n, 1), steps=steps, generator=gen)
     else:
         q = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(n) + 0.5) / n)[:, None].repeat(1, 2)
         x = sample.dpm_solver_sample(net, q, torch.zeros(n, 1), steps=steps)
@@ -246,7 +250,8 @@ def test_respacing_keeps_the_noise_levels_of_the_kept_steps():
     spaced = sample.respaced(100)
     assert spaced.num_steps == 100 and spaced.timesteps[0] == 0 and spaced.timesteps[-1] == 999
     assert torch.allclose(spaced.alphas_cumprod, full.alphas_cumprod[spaced.timesteps], rtol=1e-9, atol=0)
-    assert torch.equal(emigm.GaussianDiffusion(respace=1000).betas, full.betas)  # 1000 of 1000: the training schedule
+    # 1000 of 1000 steps: the training schedule
+    assert torch.equal(emigm.GaussianDiffusion(respace=1000).betas, full.betas)
 
 
 def expected_reveals(L, shares):
@@ -371,17 +376,19 @@ def test_mask_schedule_flag(monkeypatch):
 
 
 def save_tiny(model, path, **state):
-    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "config": model.config, **state}, path)
+    checkpoint = {"model": model.state_dict(), "ema": model.state_dict(), "config": model.config}
+    torch.save({**checkpoint, **state}, path)
 
 
 def test_bulk_npz_identical_for_1_and_2_processes(tiny, tmp_path):
     save_tiny(tiny, tmp_path / "tiny.pt")
-    flags = ["sample.py", "--ckpt", str(tmp_path / "tiny.pt"), "--num-images", "20", "--batch-size", "6", "--nfe",
-             "6", "--head-steps", "3", "--cfg", "2", "--cfg-schedule", "constant", "--cfg-interval", "0.1", "0.8"]
+    flags = ["sample.py", "--ckpt", str(tmp_path / "tiny.pt"), "--num-images", "20", "--batch-size", "6",
+             "--nfe", "6", "--head-steps", "3", "--cfg", "2", "--cfg-schedule", "constant",
+             "--cfg-interval", "0.1", "0.8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads per process in both runs
     for cmd in ([sys.executable, *flags, "--out", str(tmp_path / "one")],
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *flags,
-                 "--out", str(tmp_path / "two")]):
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 *flags, "--out", str(tmp_path / "two")]):
         subprocess.run(cmd, cwd=HERE, env=env, check=True, capture_output=True, timeout=300)
     one = (tmp_path / "one" / "samples.npz").read_bytes()
     two = (tmp_path / "two" / "samples.npz").read_bytes()
@@ -413,23 +420,27 @@ def snapshot(folder):
 
 BASE = ("--ckpt {d}/tiny.pt --nfe 2 --head-steps 1 --cfg 2 --cfg-schedule constant --cfg-interval 0.1 0.9 "
         "--classes 0 --per-class 1 --grid {d}/grid.png")
-BAD_INPUTS = [  # (flags after BASE, or a whole command line when it starts with "!"; what the message must name)
+# (flags after BASE, or a whole command line when it starts with "!"; what the message must name)
+BAD_INPUTS = [
     ("--batch-size 0", "--batch-size"), ("--batch-size x", "--batch-size"), ("--per-class 0", "--per-class"),
     ("--nfe 0", "--nfe"), ("--nfe -3", "--nfe"), ("--head-steps 0", "--head-steps"),
     ("--head-sampler ddpm --head-steps 1", "--head-steps"), ("--cfg -2", "--cfg"), ("--cfg 0.5", "--cfg"),
     ("--temperature -1", "--temperature"), ("--temperature 0", "--temperature"),
     ("--cfg-interval 0.5 0.2", "--cfg-interval"), ("--cfg-interval 0.3 0.3", "--cfg-interval"),
     ("--cfg-interval -0.1 0.5", "--cfg-interval"), ("--cfg-interval 0.1 1.5", "--cfg-interval"),
-    ("--seed -1", "--seed"), ("--classes 10", "--classes"), ("--classes -1", "--classes"), ("--classes", "--classes"),
+    ("--seed -1", "--seed"), ("--classes 10", "--classes"), ("--classes -1", "--classes"),
+    ("--classes", "--classes"),
     ("--cfg-schedule nope", "--cfg-schedule"), ("--mask-schedule nope", "--mask-schedule"),
     ("--head-sampler nope", "--head-sampler"),
     ("--size B", "--size"), ("--size Tiny", "--size"), ("--img-size 512", "--img-size"),
     ("--tokenizer kl16", "--tokenizer"), ("--vae {d}/missing.ckpt", "--vae"),
-    ("--grid {d}/missing/grid.png", "--grid"), ("--grid {d}/a_file.txt/grid.png", "--grid"), ("--grid {d}", "--grid"),
+    ("--grid {d}/missing/grid.png", "--grid"), ("--grid {d}/a_file.txt/grid.png", "--grid"),
+    ("--grid {d}", "--grid"),
     ("--num-images 0 --out {d}/out", "--num-images"), ("--num-images 15 --out {d}/out", "--num-images"),
     ("--num-images 20", "--num-images"), ("--out {d}/out", "--out"),
     ("--num-images 20 --out {d}/a_file.txt", "--out"), ("--num-images 20 --out {d}/a_file.txt/out", "--out"),
-    ("--num-images 20 --out {d}/out --fid-ref {d}/missing.npz", "--fid-ref"), ("--fid-ref fashion-mnist", "--fid-ref"),
+    ("--num-images 20 --out {d}/out --fid-ref {d}/missing.npz", "--fid-ref"),
+    ("--fid-ref fashion-mnist", "--fid-ref"),
     ("--num-images 20 --out {d}/out --fid-ref fashion-mnist --inception {d}/missing.pt", "--inception"),
     ("--ckpt {d}/junk.pt", "junk.pt"), ("--ckpt {d}/missing.pt", "missing.pt"),
     ("--ckpt {d}/truncated.pt", "truncated.pt"), ("--ckpt {d}/bad_size.pt", "--ckpt"),
