@@ -225,7 +225,7 @@ def predict_revealed(model, tokens, mask, reveal, class_emb, *, cfg=1.0, guided=
     c = class_emb
     if guided:
         c = torch.cat([class_emb, model.fake_latent.expand(B, -1).to(class_emb.dtype)])
-    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):  # the transformer
+    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):  # GPUs: bf16 (official fp16)
         z = model.forward_decoder(model.forward_encoder(x, m, c), m)  # (B or 2B, L, D)
     # diffloss on the tokens revealed now, row-major as the official z[mask_to_pred]
     z_cond = z[:B][reveal].to(tokens.dtype)  # (n, D)
@@ -331,7 +331,7 @@ def load_model(path, size=None, img_size=None, ema=True, device="cpu", tokenizer
     for flag, value, own in (("--size", size, own_size), ("--img-size", img_size, own_img_size),
                              ("--tokenizer", tokenizer, kind)):
         if value is not None and value != own:
-            raise ValueError(f"{flag} {value}: --ckpt {path} holds {own}: drop {flag}")
+            raise ValueError(f"{flag} {value} disagrees with --ckpt {path} ({own}): drop {flag}")
     try:
         emigm.load_weights(model, checkpoint, ema=ema)
     except ValueError as error:
@@ -572,8 +572,7 @@ def run(args):
     model, flags = load_model(args.ckpt, args.size, args.img_size, ema=not args.no_ema,
                               device=ddp.device, tokenizer=args.tokenizer)
     if args.classes is not None and max(args.classes) >= model.num_classes:
-        raise ValueError(f"--classes {max(args.classes)}: the model has {model.num_classes} classes")
-
+        raise ValueError(f"--classes {max(args.classes)}: the model has classes 0-{model.num_classes - 1}")
     if args.num_images is not None and args.num_images % model.num_classes:
         raise ValueError(f"--num-images {args.num_images}: pass a multiple of {model.num_classes}")
     sampler_kwargs = settings(model, args.num_iter, args.head_sampler, args.head_steps, args.cfg,
@@ -621,8 +620,7 @@ def build_parser():
     p.add_argument("--vae", help="kl16.ckpt or the DC-AE diffusers directory")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
-    p.add_argument("--classes", type=nonnegative_int, nargs="+", help="the grid's rows")
-
+    p.add_argument("--classes", type=nonnegative_int, nargs="+", help="grid rows (default: DiT's 8)")
     p.add_argument("--per-class", type=positive_int, default=8)
     p.add_argument("--grid", default="samples.png", help="the grid PNG, in an existing folder")
     p.add_argument("--num-images", type=positive_int, help="bulk mode: OUT/samples.npz")
