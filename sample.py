@@ -27,7 +27,7 @@ import emigm
 SAMPLER_EPS = 1e-5  # the sampler's last time (training uses emigm.TRAIN_T_EPS)
 LAMBDA_CLIP = -5.1  # DPM-Solver drops the last steps with logSNR / 2 below this (4 of 1000)
 GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # ImageNet classes (DiT's sample.py)
-METRIC_CACHE = Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"  # fid.SmallDataMetric's
+METRIC_CACHE = Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"  # small_metric.py's
 CFG_SCHEDULES = ("constant", "linear", "power", "cubic", "exp", "cosine")  # see cfg_scale
 
 # ==== 1. The reveal schedule (Sec. 3; the mask schedule gamma_t of Fig. 3a) ====
@@ -399,10 +399,10 @@ def bulk(model, tok, sampler_kwargs, num_images, out, seed, batch_size, rank, wo
     shutil.rmtree(parts)
     print(f"wrote {Path(out) / 'samples.npz'}: {arr.shape} uint8")
     if fid_ref == "fashion-mnist":  # our offline metric for 28 x 28 data, not Inception FID
-        import fid
+        import small_metric
         import tokenizer
-        metric = fid.SmallDataMetric(*tokenizer.load_fashion_mnist("train"), str(METRIC_CACHE))
-        print(fid.SmallDataMetric.label, metric.evaluate(arr[..., 0], labels.numpy()))
+        metric = small_metric.SmallDataMetric(*tokenizer.load_fashion_mnist("train"), str(METRIC_CACHE))
+        print(metric.label, metric.evaluate(arr[..., 0], labels.numpy()))
     elif fid_ref is not None:
         print(fid.compute_metrics(arr, fid_ref, model=inception))
 
@@ -436,18 +436,6 @@ def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
-    """The fp32 matmul peak, FLOP per second of `clock`: the best of `repeats` 2048^3 products."""
-    a = torch.randn(2048, 2048, device=device)
-    best = 0.0
-    for _ in range(repeats):
-        start = clock()
-        a @ a
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = max(best, 2 * 2048**3 / (clock() - start))
-    return best
 
 # ---- Command-line value types (train.py's too): a bad value exits 2 with one line; None: default
 def positive_int(text):
@@ -491,51 +479,6 @@ def guidance_scale(text):
     if not value >= 1:
         raise argparse.ArgumentTypeError(f"{value} is below 1: pass a scale >= 1 (1 = no guidance)")
     return value
-
-# ==== Benchmark: the sampler on random XS weights ====
-def bench(bench_k=(16, 128), bench_batches=(1, 16, 64)):
-    """s/image and share of the fp32 matmul peak per K and batch; at the first batch size, CFG on
-    the interval / every step and K = 128 / 16 beside NFE. CPU time: jobs disturb it less."""
-    torch.manual_seed(0)
-    model = emigm.EMIGM_models["XS"]().eval()
-    presets = PRESETS["XS", 256]
-    flops = []  # forward hooks count exactly what runs (attention: q k^T and attn v)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.register_forward_hook(
-                lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
-        elif isinstance(module, emigm.Attention):
-            module.register_forward_hook(lambda m, i, o: flops.append(4 * o.numel() * o.shape[1]))
-    peak = matmul_peak_flops(torch.device("cpu"), clock=time.process_time, repeats=5)
-    threads = torch.get_num_threads()
-    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP per CPU-second ({threads} threads)")
-    b = bench_batches[0]
-    every_step = (16, b, (0.0, 1.0))
-    runs = [(2, 1, (0.1, 0.3))]  # a warm-up, then every K and batch, then CFG on every step
-    runs += [(k, batch, presets[k]["cfg_interval"]) for k in bench_k for batch in bench_batches]
-    runs += [every_step] if 16 in bench_k else []
-    results = {}  # (K, batch, interval) -> (CPU seconds, NFE, FLOPs)
-    for k, batch, interval in runs:
-        flops.clear()
-        cpu = time.process_time()
-        wall = time.perf_counter()
-        head_steps = presets[16 if k <= 16 else 128]["head_steps"]
-        sample_tokens(model, torch.arange(batch), k, 4.0, "constant", interval, "dpm-solver",
-                      head_steps, generator=torch.Generator().manual_seed(0))
-        cpu = time.process_time() - cpu
-        wall = time.perf_counter() - wall
-        f = nfe(k, 4.0, interval)[1]
-        results[k, batch, interval] = (cpu, k * f, sum(flops))
-        print(f"K={k:3d} NFE = {k} x {f:.4f} (interval {interval}), batch {batch:2d}: "
-              f"{wall / batch:.3f} s/image wall, {cpu / batch:.3f} CPU-s/image, {sum(flops) / 1e12:.3f} "
-              f"TFLOP, {sum(flops) / cpu / peak:.0%} of the matmul peak", flush=True)
-    k16 = (16, b, presets[16]["cfg_interval"])
-    k128 = (128, b, presets[128]["cfg_interval"])
-    checks = {"CFG interval / on every step": (k16, every_step), "K=128 / K=16": (k128, k16)}
-    for name, (top, bottom) in checks.items():
-        if top in results and bottom in results:
-            cpu, nfe_ratio, flops_ratio = [x / y for x, y in zip(results[top], results[bottom])]
-            print(f"{name} (batch {b}): CPU time {cpu:.3f}; NFE {nfe_ratio:.3f}, FLOPs {flops_ratio:.3f}")
 
 # ==== Command line: a grid for eyes, an ADM .npz for FID (the same bytes on any process count)
 def check_flags(args):
@@ -637,7 +580,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.bench:
-            bench(args.bench_k, args.bench_batches)
+            import bench  # the benchmarks of train.py and sample.py live in bench.py
+            bench.sampling(args.bench_k, args.bench_batches)
         else:
             run(args)
     except (ValueError, FileNotFoundError) as error:

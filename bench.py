@@ -1,0 +1,97 @@
+"""Benchmarks of eMIGM-mini: a training step and the sampler, on random weights of the paper's sizes.
+
+Each prints its time beside the FLOPs it counted and the share of this process's fp32 matmul peak, so that
+figures from a shared or noisy machine can still be compared (ratios, not seconds). Run:
+
+    python bench.py train --size XS        # = python train.py --bench --size XS
+    python bench.py sample                 # = python sample.py --bench
+"""
+import argparse
+import time
+
+import torch
+
+import emigm
+import sample
+
+
+def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
+    """The fp32 matmul peak, FLOP per second of `clock`: the best of `repeats` 2048^3 products."""
+    a = torch.randn(2048, 2048, device=device)
+    best = 0.0
+    for _ in range(repeats):
+        start = clock()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * 2048**3 / (clock() - start))
+    return best
+
+
+# ==== The sampler (sample.py --bench) ====
+def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64)):
+    """s/image and share of the fp32 matmul peak per K and batch; at the first batch size, CFG on
+    the interval / every step and K = 128 / 16 beside NFE. CPU time: jobs disturb it less."""
+    torch.manual_seed(0)
+    model = emigm.EMIGM_models["XS"]().eval()
+    presets = sample.PRESETS["XS", 256]
+    flops = []  # forward hooks count exactly what runs (attention: q k^T and attn v)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(
+                lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
+        elif isinstance(module, emigm.Attention):
+            module.register_forward_hook(lambda m, i, o: flops.append(4 * o.numel() * o.shape[1]))
+    peak = matmul_peak_flops(torch.device("cpu"), clock=time.process_time, repeats=5)
+    threads = torch.get_num_threads()
+    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP per CPU-second ({threads} threads)")
+    b = bench_batches[0]
+    every_step = (16, b, (0.0, 1.0))
+    runs = [(2, 1, (0.1, 0.3))]  # a warm-up, then every K and batch, then CFG on every step
+    runs += [(k, batch, presets[k]["cfg_interval"]) for k in bench_k for batch in bench_batches]
+    runs += [every_step] if 16 in bench_k else []
+    results = {}  # (K, batch, interval) -> (CPU seconds, NFE, FLOPs)
+    for k, batch, interval in runs:
+        flops.clear()
+        cpu = time.process_time()
+        wall = time.perf_counter()
+        head_steps = presets[16 if k <= 16 else 128]["head_steps"]
+        sample.sample_tokens(model, torch.arange(batch), k, 4.0, "constant", interval, "dpm-solver",
+                             head_steps, generator=torch.Generator().manual_seed(0))
+        cpu = time.process_time() - cpu
+        wall = time.perf_counter() - wall
+        f = sample.nfe(k, 4.0, interval)[1]
+        results[k, batch, interval] = (cpu, k * f, sum(flops))
+        print(f"K={k:3d} NFE = {k} x {f:.4f} (interval {interval}), batch {batch:2d}: "
+              f"{wall / batch:.3f} s/image wall, {cpu / batch:.3f} CPU-s/image, {sum(flops) / 1e12:.3f} "
+              f"TFLOP, {sum(flops) / cpu / peak:.0%} of the matmul peak", flush=True)
+    k16 = (16, b, presets[16]["cfg_interval"])
+    k128 = (128, b, presets[128]["cfg_interval"])
+    checks = {"CFG interval / on every step": (k16, every_step), "K=128 / K=16": (k128, k16)}
+    for name, (top, bottom) in checks.items():
+        if top in results and bottom in results:
+            cpu, nfe_ratio, flops_ratio = [x / y for x, y in zip(results[top], results[bottom])]
+            print(f"{name} (batch {b}): CPU time {cpu:.3f}; NFE {nfe_ratio:.3f}, FLOPs {flops_ratio:.3f}")
+
+
+# ==== Command line ====
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="eMIGM-mini benchmarks (random weights)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sampler = commands.add_parser("sample", help="the sampler of sample.py, XS at 256 px")
+    sampler.add_argument("--bench-k", type=int, nargs="+", default=[16, 128], choices=[16, 128])
+    sampler.add_argument("--bench-batches", type=sample.positive_int, nargs="+", default=[1, 16, 64])
+    commands.add_parser("train", help="a training step of train.py: the flags of train.py --bench",
+                        add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        import train  # train.py parses and checks its own flags
+        train.main(["--bench", *rest])
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    sampling(args.bench_k, args.bench_batches)
+
+
+if __name__ == "__main__":
+    main()
