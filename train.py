@@ -1,19 +1,17 @@
-"""Train eMIGM (You et al. 2025, "Effective and Efficient Masked Image Generation Models", arXiv 2503.07197).
+"""Train eMIGM (You et al. 2025, "Effective and Efficient Masked Image Generation Models").
 
-One loop for every scale. The defaults are the official recipe (AdamW betas (0.9, 0.95), weight decay 0.02 except on
-1-D params, biases and the diffusion head; lr = blr x global batch / 256 with blr 1e-4, 100 warmup epochs then constant;
-grad clip 3.0; EMA 0.9999; 64 images per GPU; 800 epochs), and every design choice of the paper's Fig. 2 is a flag.
+One loop for every scale, laid out as DiT's train.py. The defaults are the official recipe
+(Sec. 5, the official scripts): AdamW, betas (0.9, 0.95), weight decay 0.02; lr = 1e-4 x
+global batch / 256, 100 warmup epochs, then constant; clipping at 3.0; EMA 0.9999; 800
+epochs; 32 images per GPU for XS and S, 64 for B, L and H. Fig. 2's choices are flags. One
+run per --results-dir: --resume DIR/last.pt continues it exactly (data order and RNG too).
 
-    torchrun --nproc_per_node 8 train.py --size B --cached-path cache/    # latents cached by `tokenizer.py cache`
-    torchrun --nproc_per_node 8 train.py --size B --data-path imagenet/train --vae kl16.ckpt
-    python train.py --demo                 # Fashion-MNIST, 2 CPU cores, <= 10 minutes: grid, Frechet distance, accuracy
-    python train.py --bench --size XS      # step time, images/s, peak memory, share of the fp32 matmul peak
-
-Exact resume: `--resume out/last.pt` restores weights, EMA, optimizer, step, sampler position and every rank's RNG
-state, so N steps straight and N/2 + resume + N/2 give the same parameters (bitwise on CPU).
+    torchrun --nproc_per_node 8 train.py --size B --cached-path cache/
+    torchrun --nproc_per_node 8 train.py --size B --data-path imagenet/ --vae kl16.ckpt
+    python train.py --demo             # Fashion-MNIST on 2 CPU cores, <= 10 minutes
+    python train.py --bench --size XS  # step time, images/s, memory, share of the peak
 """
 import argparse
-import contextlib
 import copy
 import itertools
 import logging
@@ -21,12 +19,16 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils import flop_counter
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
@@ -35,400 +37,566 @@ import emigm
 import fid
 import sample
 import tokenizer
+from sample import nonnegative_float, nonnegative_int, positive_float, positive_int
+from sample import unit_interval
 
-# The Fashion-MNIST demo (issue 6, item 7), tuned to finish in <= 10 minutes on 2 CPU cores: 7x7 pixel patches
-# (16 tokens of 49 values: the transformer's cost falls 2.5x against 4x4 patches), no dropout, 4 head copies per
-# token (the head is the cheap part here), lr 1e-3 with a cosine decay, EMA 0.995, CFG 3 on every sampling step.
-DEMO = dict(dataset="fashion-mnist", size="Tiny", patch=7, head_depth=3, dropout=0.0, diffusion_batch_mul=4,
-            global_batch_size=64, blr=4e-3, warmup_epochs=0.05, lr_schedule="cosine", max_steps=1300, ema_decay=0.995,
-            sample_every=0, ckpt_every=0, num_iter=16, cfg=3.0, cfg_interval=[0.0, 1.0], results_dir="out/demo")
+# The official batch per GPU (the scripts' --batch_size, on 32 GPUs).
+BATCH_PER_GPU = {"XS": 32, "S": 32, "B": 64, "L": 64, "H": 64, "Tiny": 64}
+# The Fashion-MNIST demo, <= 10 minutes on 2 CPU cores: 7x7 pixel patches (16 tokens of
+# 49 values), no dropout, lr 1e-3 with a cosine decay, EMA 0.995, CFG 3 at every step.
+DEMO = dict(
+    dataset="fashion-mnist", size="Tiny", patch=7, head_depth=3, dropout=0.0,
+    diffusion_batch_mul=4, global_batch_size=64, blr=4e-3, warmup_epochs=0.05,
+    lr_schedule="cosine", max_steps=1300, ema_decay=0.995, sample_every=0,
+    ckpt_every=0, num_iter=16, cfg=3.0, cfg_interval=[0.0, 1.0], results_dir="out/demo",
+)
+# EMIGM's arguments that flags override (None: the preset's value, the paper's).
+MODEL_FLAGS = ("width", "depth", "num_heads", "head_depth", "head_width", "buffer_size",
+               "mask_schedule", "loss_weighting", "t_min", "use_mae", "cfg_with_mask",
+               "label_drop_prob", "diffusion_batch_mul")
+RUN_FILES = ("last.pt", "log.csv", "log.txt")  # with ckpt_* and grid_*: a run's files
 BENCH_STEPS = 5
 EVAL_BATCH = 250  # images per sampling batch in grids and evaluations
 
 
-def fail(msg):
-    """Stop with a one-line error (no traceback): bad paths, sizes and batch sizes are the user's, not bugs."""
-    raise SystemExit(f"train.py: error: {msg}")
+# ---- The model, its optimiser and one training step (Sec. 3 and 5) ----
+def build_model(size, img_size=256, overrides=None, device="cpu"):
+    """eMIGM-{size} (Table 2), drawn on the CPU: one seed, the same weights anywhere."""
+    model = emigm.EMIGM_models[size](img_size=img_size, **(overrides or {}))
+    return model.to(device)
+
+def param_groups(model, weight_decay):
+    """Official: no decay on 1-D params (norms), biases and the diffusion head."""
+    decay = []
+    no_decay = []
+    for name, param in model.named_parameters():
+        if param.ndim == 1 or name.endswith(".bias") or "diffloss" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [dict(params=decay, weight_decay=weight_decay),
+            dict(params=no_decay, weight_decay=0.0)]
+
+def lr_at(step, lr, warmup_steps, total_steps, schedule="constant"):
+    """Linear warmup per step (official), then constant (official) or cosine (MAR's)."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+class Training:
+    """The model, its EMA copy (DiT) and AdamW; step() is one step of the recipe."""
+
+    def __init__(self, model, lr, weight_decay, grad_clip=3.0, ema_decay=0.9999,
+                 bf16=False, ddp=False):
+        self.model = model
+        self.ema = copy.deepcopy(model).requires_grad_(False).eval()  # from the init
+        groups = param_groups(model, weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+        self.train_model = model  # or its DistributedDataParallel wrapper
+        if ddp:
+            device = next(model.parameters()).device
+            self.train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None)
+        self.params = list(model.parameters())
+        self.ema_params = list(self.ema.parameters())
+        self.max_norm = grad_clip if grad_clip > 0 else math.inf  # 0: no clipping
+        self.ema_decay = ema_decay
+        self.bf16 = bf16  # autocast on CUDA; else fp32
+
+    def step(self, tokens, labels, step=0):
+        """tokens (B, L, C), labels (B,) -> dict(loss=, grad_norm=) (before clipping)"""
+        with torch.autocast("cuda", torch.bfloat16) if self.bf16 else nullcontext():
+            loss = self.train_model(tokens, labels)  # the loss of Sec. 3
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        stats = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+        if not all(math.isfinite(value) for value in stats):
+            raise ValueError(f"non-finite loss {stats[0]} at step {step + 1}: stopped "
+                             f"before the update; lower --lr or --blr")
+        self.optimizer.step()
+        with torch.no_grad():  # ema = decay x ema + (1 - decay) x weights, every step
+            torch._foreach_mul_(self.ema_params, self.ema_decay)
+            torch._foreach_add_(self.ema_params, self.params, alpha=1 - self.ema_decay)
+        return dict(loss=stats[0], grad_norm=stats[1])
+
+    def load_state_dict(self, checkpoint):  # weights, EMA and AdamW of a checkpoint
+        self.model.load_state_dict(checkpoint["model"])
+        self.ema.load_state_dict(checkpoint["ema"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
 
 
-def create_logger(results_dir, rank):  # rank 0 logs to stdout and results_dir/log.txt; the other ranks are silent
-    logger = logging.getLogger("train")
-    logger.handlers.clear()
-    logger.propagate, logger.level = False, logging.INFO if rank == 0 else logging.CRITICAL + 1
-    for h in ((logging.StreamHandler(sys.stdout), logging.FileHandler(Path(results_dir) / "log.txt"))
-              if rank == 0 else ()):  # the file is opened on rank 0 only
-        h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
-        logger.addHandler(h)
-    return logger
-
-
-# ---- Data: every source yields (x, label) batches plus a function turning x into tokens (B, L, C) on the device
-def build_data(args, device):  # -> (dataset or None for random tokens, to_tokens, tokenizer or None)
-    if args.dataset == "random":  # benchmark and tests: Gaussian tokens, made once the model's shape is known
-        return None, lambda x: x.to(device), None
-    if args.dataset == "fashion-mnist":  # pixel tokens: no VAE
-        if args.data_path and not os.path.isdir(args.data_path):
-            fail(f"--data-path {args.data_path} does not exist (give the folder of the Fashion-MNIST IDX files)")
-        images, labels = tokenizer.load_fashion_mnist("train", args.data_path)  # (N, 28, 28) uint8, (N,)
-        tok = tokenizer.PixelTokenizer(patch=args.patch, img_size=28, in_channels=1).to(device)
-        return TensorDataset(images, labels), lambda x: tok.encode(x.to(device)[:, None].float() / 127.5 - 1), tok
-    if args.cached_path:  # latents cached by `tokenizer.py cache`: the dataset draws the flip and the posterior sample
-        if not os.path.isdir(args.cached_path):
-            fail(f"--cached-path {args.cached_path} does not exist (write it with `python tokenizer.py cache`)")
-        ds = tokenizer.CachedLatents(args.cached_path)  # read in this process: its draws use the saved RNG
-        if ds.kind != ("dcae" if args.img_size == 512 else "kl16"):
-            fail(f"{args.cached_path} holds {ds.kind} latents: pass --img-size {512 if ds.kind == 'dcae' else 256}")
-        tok = tokenizer.load_tokenizer(ds.kind, args.vae).to(device).eval() if args.vae else None  # for grids only
-        return ds, lambda x: x.to(device), tok
-    if not args.data_path or not os.path.isdir(args.data_path):
-        fail(f"--data-path {args.data_path} does not exist: give an ImageFolder tree, --cached-path or --dataset")
-    if args.img_size != 256:
-        fail("ImageFolder training encodes with KL-16 at 256px; at 512px cache DC-AE latents and pass --cached-path")
-    if not args.vae or not os.path.isfile(args.vae):
-        fail(f"--vae {args.vae} does not exist: ImageFolder training encodes through MAR's kl16.ckpt")
-    tok = tokenizer.load_tokenizer("kl16", args.vae).to(device).eval()
+# ---- Data: each source yields (x, label) batches; to_tokens turns x into tokens ----
+@dataclass
+class TrainData:
+    kind: str  # "random", "fashion-mnist", "cached" or "imagefolder"
+    dataset: torch.utils.data.Dataset
+    tokenizer: torch.nn.Module = None  # decodes grids (None: no grids)
 
     @torch.no_grad()
-    def to_tokens(x):  # (B, 3, H, W) in [-1, 1]: random horizontal flip (official augmentation), then the VAE in fp32
-        flip = torch.rand(len(x)) < 0.5  # global RNG, saved in checkpoints: a resume replays the same flips
-        return tok.encode(torch.where(flip[:, None, None, None], x.flip(-1), x).to(device))  # posterior sample
-    return tokenizer.ImageFolder(args.data_path, args.img_size), to_tokens, tok
+    def to_tokens(self, x, device):  # a batch -> tokens (B, L, C)
+        if self.kind == "fashion-mnist":  # uint8 (B, 28, 28) -> [-1, 1] -> pixel patches
+            return self.tokenizer.encode(x.to(device)[:, None].float() / 127.5 - 1)
+        if self.kind == "random" or self.kind == "cached":
+            return x.to(device)
+        # images (B, 3, H, W) in [-1, 1]: a random flip (official), a VAE posterior sample
+        flip = torch.rand(len(x)) < 0.5  # (B,)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return self.tokenizer.encode(x.to(device))
 
+def build_data(args, model, device):
+    if args.dataset == "random":  # for tests and benchmarks
+        count = max(4 * args.global_batch_size, 256)
+        generator = torch.Generator().manual_seed(args.seed)
+        shape = (count, model.seq_len, model.token_channels)
+        tokens = torch.randn(shape, generator=generator)
+        labels = torch.randint(model.num_classes, (count,), generator=generator)
+        return TrainData("random", TensorDataset(tokens, labels))
+    if args.dataset == "fashion-mnist":  # pixel tokens: no VAE
+        images, labels = tokenizer.load_fashion_mnist("train", args.data_path)  # (N, 28, 28)
+        pixels = tokenizer.PixelTokenizer(patch=args.patch, img_size=28, in_channels=1)
+        return TrainData("fashion-mnist", TensorDataset(images, labels), pixels.to(device))
+    if args.dataset == "cached":  # flips, posterior samples: the global RNG
+        dataset = tokenizer.CachedLatents(args.cached_path)
+        if dataset.kind != ("dcae" if args.img_size == 512 else "kl16"):
+            raise ValueError(f"--cached-path {args.cached_path} holds {dataset.kind} "
+                             f"latents: pass the other --img-size")
+        if args.vae is None:
+            return TrainData("cached", dataset)
+        decoder = tokenizer.load_tokenizer(dataset.kind, args.vae)  # for grids only
+        return TrainData("cached", dataset, decoder.to(device).eval())
+    kl16 = tokenizer.load_tokenizer("kl16", args.vae).to(device).eval()
+    images = tokenizer.ImageFolder(args.data_path, args.img_size)
+    return TrainData("imagefolder", images, kl16)
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (same shuffle per epoch on every rank) that can start part-way through an epoch."""
+    """DistributedSampler that can start mid-epoch."""
     start = 0
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.start, None)
 
-
-# ---- Optimisation (official parameter groups, lr schedule) and checkpoints (plain dicts, rank 0, atomic)
-def param_groups(model, weight_decay):
-    """Official: no decay on 1-D params, biases and the diffusion head; pos-embeds, class_emb, fake_latent decay."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim == 1 or name.endswith(".bias") or "diffloss" in name else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-
-
-def lr_at(step, steps_per_epoch, total_steps, args):
-    """Linear warmup per iteration over warmup_epochs (official: lr x epoch_float / warmup), then constant (official)
-    or a cosine decay to 0 (MAR's option; the CPU demo uses it)."""
-    epoch = step / steps_per_epoch
-    if epoch < args.warmup_epochs:
-        return args.lr * epoch / args.warmup_epochs
-    if args.lr_schedule == "constant":
-        return args.lr
-    warm = args.warmup_epochs * steps_per_epoch
-    progress = (step - warm) / max(total_steps - warm, 1)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+def make_loader(dataset, batch_size, ddp, seed, num_workers):
+    sampler = ResumableSampler(dataset, ddp.world_size, ddp.rank, seed=seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size, sampler=sampler, drop_last=True,
+                        num_workers=num_workers, pin_memory=ddp.device.type == "cuda",
+                        generator=torch.Generator())  # its own: not the global RNG
+    if len(loader) == 0:
+        raise ValueError(f"--global-batch-size {batch_size * ddp.world_size} is more than "
+                         f"the {len(dataset)} examples: pass a smaller one")
+    return loader
 
 
-def rng_states(world):
-    """Every rank's torch RNG states (CPU and, on GPU, CUDA), so that a resume replays the same masks and noise."""
-    state = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
-    states = [state] * world
-    if world > 1:
-        dist.all_gather_object(states, state)
-    return states
-
-
-def write_checkpoint(names, model, ema, optimizer, step, steps_per_epoch, args, world, rank):
-    rng = rng_states(world)  # collective: every rank takes part
-    if rank == 0:
-        ckpt = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                    epoch=step / steps_per_epoch, args=dict(vars(args)), config=model.config, rng=rng)
-        for name in names:
-            torch.save(ckpt, Path(args.results_dir) / (name + ".tmp"))  # plain data: loads with weights_only=True
-            os.replace(Path(args.results_dir) / (name + ".tmp"), Path(args.results_dir) / name)
-    dist.is_initialized() and dist.barrier()  # nobody runs ahead (or exits) before the file is complete
-
-
-def resume(path, model, ema, optimizer):
-    """Load weights, EMA and optimizer; the RNG states are restored later, right before the first step."""
-    if not os.path.isfile(path):
-        fail(f"--resume {path}: no such checkpoint")
-    ckpt = emigm.load_checkpoint(path)
-    if "config" not in ckpt or "rng" not in ckpt:
-        fail(f"--resume {path} is not a checkpoint of train.py (to start from other weights, load them yourself)")
-    old = ckpt["config"]
-    diff = [f"{k}={old.get(k)} (this run {v})" for k, v in model.config.items() if old.get(k) != v]
-    if diff:
-        fail(f"--resume {path} was trained with a different model: {', '.join(diff)}")
-    for key, obj in (("model", model), ("ema", ema), ("optimizer", optimizer)):
-        obj.load_state_dict(ckpt[key])
-    return ckpt
-
-
-# ---- Evaluation through sample.py: a class-conditional grid, and on Fashion-MNIST the small-data metric of fid.py
-def evaluate(ema, tok, args, step, device, logger, metric=None):
-    """Seeded generators of their own (sample.py's): evaluating never touches the training RNG."""
-    if tok is None:
-        return logger.info("no decoder for grids: pass --vae") or {}
-    kw = dict(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule, head_steps=args.head_steps,
-              cfg_interval=tuple(args.cfg_interval))  # DPM-Solver head, as the official evaluation
-    path = Path(args.results_dir) / f"grid_{step:07d}.png"
-    classes = list(range(ema.num_classes)) if ema.num_classes <= 16 else list(sample.GRID_CLASSES)
-    sample.save_grid(ema, tok, classes, args.grid_per_class, kw, args.seed, EVAL_BATCH, str(path), device)
-    logger.info(f"step {step}: EMA grid -> {path}")
-    result = {"grid": str(path)}
-    if metric is not None:
-        labels = torch.arange(args.eval_samples) % ema.num_classes  # balanced classes
-        images = np.concatenate([sample.generate(ema, tok, lab, kw, sample.batch_seed(args.seed, j), device)
-                                 for j, lab in enumerate(labels.split(EVAL_BATCH))])  # (N, H, W, 3) uint8
-        result.update(metric.evaluate(images[..., 0], labels.numpy()))
-        logger.info(f"step {step}: small-data Frechet distance {result['frechet']:.3f}, conditional accuracy "
-                    f"{result['accuracy']:.3f} ({args.eval_samples} EMA samples, K={args.num_iter}, cfg {args.cfg})")
+# ---- Evaluation with sample.py: a class-conditional grid and the small-data metric ----
+def evaluate(ema, tok, sampler_kwargs, grid_path, seed, per_class=8, metric=None,
+             num_samples=1000, log=print):
+    """The EMA model's grid and, given a fid.SmallDataMetric, its value on class-balanced
+    samples; -> dict(grid=path, frechet=, accuracy=, ...). Not the training RNG."""
+    device = next(ema.parameters()).device
+    classes = list(range(ema.num_classes)) if ema.num_classes <= 16 else sample.GRID_CLASSES
+    sample.save_grid(ema, tok, classes, per_class, sampler_kwargs, seed, EVAL_BATCH,
+                     str(grid_path), device)
+    log(f"EMA grid -> {grid_path}")
+    result = {"grid": str(grid_path)}
+    if metric is None:
+        return result
+    labels = torch.arange(num_samples) % ema.num_classes  # balanced classes
+    batches = []
+    for j, batch_labels in enumerate(labels.split(EVAL_BATCH)):
+        batch_seed = sample.batch_seed(seed, j)
+        batches.append(sample.generate(ema, tok, batch_labels, sampler_kwargs, batch_seed, device))
+    images = np.concatenate(batches)  # (N, H, W, 3) uint8
+    result.update(metric.evaluate(images[..., 0], labels.numpy()))
+    log(f"small-data Frechet distance {result['frechet']:.3f}, conditional accuracy "
+        f"{result['accuracy']:.3f} ({num_samples} EMA samples, K={sampler_kwargs['num_iter']}"
+        f", cfg {sampler_kwargs['cfg']})")
     return result
 
+def report_demo(metric, result, data_path, num_samples, seconds, logger):
+    """The demo's verdict beside as many real test images (the FD's bias depends on N)."""
+    images, labels = tokenizer.load_fashion_mnist("test", data_path)
+    base = metric.baselines(images[:num_samples].numpy(), labels[:num_samples].numpy())
+    verdict = {True: "met", False: "MISSED"}
+    logger.info(
+        f"{metric.label}, {num_samples} images each:\n"
+        f"  samples    FD {result['frechet']:8.3f}  conditional accuracy "
+        f"{result['accuracy']:.3f}\n"
+        f"  3x3 blur   FD {base['blur3x3']:8.3f}  (real test images, 3x3 box blur)\n"
+        f"  real test  FD {base['real_test']:8.3f}  classifier accuracy "
+        f"{base['classifier_accuracy']:.3f} (the ceiling)\n"
+        f"  floor      FD {base['floor']:8.3f}  (test half against test half)\n"
+        f"targets: accuracy >= 0.80 {verdict[result['accuracy'] >= 0.8]}, FD below the "
+        f"blur {verdict[result['frechet'] < base['blur3x3']]}; {seconds / 60:.1f} "
+        f"minutes in all; grid {result['grid']}")
 
-def report_demo(metric, result, args, seconds, logger):
-    """The demo's verdict next to as many real test images as samples (the Frechet distance's bias depends on N)."""
-    test = tokenizer.load_fashion_mnist("test", args.data_path)  # (images (N, 28, 28) uint8, labels (N,))
-    base = metric.baselines(*(t[:args.eval_samples].numpy() for t in test))
-    met = lambda ok: "met" if ok else "MISSED"
-    logger.info(f"{metric.label}, {args.eval_samples} images each:\n"
-                f"  samples    FD {result['frechet']:8.3f}  conditional accuracy {result['accuracy']:.3f}\n"
-                f"  3x3 blur   FD {base['blur3x3']:8.3f}  (real test images through a 3x3 box blur)\n"
-                f"  real test  FD {base['real_test']:8.3f}  classifier accuracy {base['classifier_accuracy']:.3f}"
-                f" (the ceiling)\n  floor      FD {base['floor']:8.3f}  (test half against test half)\n"
-                f"targets: accuracy >= 0.80 {met(result['accuracy'] >= 0.8)}, FD below the blur "
-                f"{met(result['frechet'] < base['blur3x3'])}; {seconds / 60:.1f} minutes in all; grid {result['grid']}")
 
+# ---- Checkpoints (plain dicts, by rank 0), resume, the log ----
+def save_checkpoint(name, training, step, epoch, args, ddp):
+    rng = {"cpu": torch.get_rng_state()}  # every rank's: resumes replay the masks
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rng_states = [rng] * ddp.world_size
+    if ddp.world_size > 1:
+        dist.all_gather_object(rng_states, rng)  # collective: every rank takes part
+    if ddp.rank == 0:
+        checkpoint = dict(model=training.model.state_dict(), ema=training.ema.state_dict(),
+                          optimizer=training.optimizer.state_dict(), step=step,
+                          epoch=epoch, args=vars(args), config=training.model.config,
+                          rng=rng_states)  # plain data: loads with weights_only=True
+        temporary = Path(args.results_dir) / (name + ".tmp")
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, Path(args.results_dir) / name)  # never half-written
+    if dist.is_initialized():
+        dist.barrier()  # no rank runs ahead (or exits) before the file is done
 
-# ---- Training
-def build_model(args, tok=None):
-    """The --size preset with the flags given on the command line (None = the preset's value, which is official)."""
-    names = ("width", "depth", "num_heads", "head_depth", "head_width", "buffer_size", "mask_schedule",
-             "loss_weighting", "t_min", "use_mae", "cfg_with_mask", "label_drop_prob", "diffusion_batch_mul")
-    over = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    if args.dropout is not None:
-        over.update(attn_dropout=args.dropout, proj_dropout=args.dropout)
-    if tok is not None and args.dataset == "fashion-mnist":  # pixel tokens of 28x28 images, 10 classes
-        over.update(seq_len=tok.seq_len(28), token_channels=tok.channels, num_classes=10)
+def read_resume(path, config):
+    """The --resume checkpoint, checked against `config`, the model of the flags."""
     try:
-        return emigm.EMIGM_models[args.size](img_size=args.img_size, **over)
-    except ValueError as e:
-        fail(str(e))
+        checkpoint = emigm.load_checkpoint(path)
+    except (ValueError, FileNotFoundError) as error:  # missing or corrupt
+        raise ValueError(f"--resume: {error}") from None
+    if not {"config", "rng", "optimizer", "step"} <= set(checkpoint):
+        raise ValueError(f"--resume {path} is not a checkpoint of train.py")
+    saved = checkpoint["config"]
+    diff = [f"{key}={saved.get(key)} (this run {value})"
+            for key, value in config.items() if saved.get(key) != value]
+    if diff:
+        raise ValueError(f"--resume {path} holds another model: {', '.join(diff)}. "
+                         f"It wins: pass the model flags of its run")
+    return checkpoint
+
+def restore_rng(rng_states, ddp, logger):
+    """This rank's random streams, saved by every rank of the run resumed."""
+    if len(rng_states) != ddp.world_size:
+        logger.info(f"{len(rng_states)} processes before: new random streams")
+        return
+    torch.set_rng_state(rng_states[ddp.rank]["cpu"])
+    if "cuda" in rng_states[ddp.rank] and ddp.device.type == "cuda":
+        torch.cuda.set_rng_state(rng_states[ddp.rank]["cuda"])
+
+def create_logger(results_dir, rank):
+    """DiT's: rank 0 logs to stdout and results_dir/log.txt; other ranks are silent."""
+    logger = logging.getLogger("train")
+    for handler in logger.handlers:  # of an earlier run in this process
+        handler.close()
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if rank == 0 else logging.CRITICAL + 1)
+    if rank == 0:
+        for handler in (logging.StreamHandler(sys.stdout),
+                        logging.FileHandler(Path(results_dir) / "log.txt")):
+            handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+            logger.addHandler(handler)
+    return logger
+
+def log_progress(sums, seconds, step, epoch, lr, args, ddp, logger):
+    """sums: this rank's loss sum, grad-norm sum, steps; means over all ranks logged."""
+    sums = sums.to(ddp.device)  # NCCL reduces GPU tensors
+    if ddp.world_size > 1:
+        dist.all_reduce(sums)
+    loss, grad_norm, steps = (sums.cpu() / ddp.world_size).tolist()
+    row = [step, epoch, loss / steps, lr, grad_norm / steps,
+           steps * args.global_batch_size / seconds, sample.peak_memory_gb(ddp.device),
+           time.process_time()]
+    logger.info("step {} epoch {:.2f} loss {:.4f} lr {:.3g} grad norm {:.3f} {:.1f} img/s "
+                "peak mem {:.2f} GB cpu {:.0f} s".format(*row))
+    csv_path = Path(args.results_dir) / "log.csv"
+    if ddp.rank == 0:
+        if not csv_path.exists():
+            csv_path.write_text("step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb,"
+                                "cpu_s\n")
+        with open(csv_path, "a") as f:
+            f.write(",".join(f"{v:.6g}" for v in row) + "\n")
 
 
-def build_training(args, device, tok=None):
-    """-> (model, EMA copy (no gradients, always in eval mode), AdamW with the official groups and betas)."""
-    model = build_model(args, tok).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    return model, ema, torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95))
-
-
-def main(args):
-    start_time, world = time.time(), int(os.environ.get("WORLD_SIZE", 1))
-    args.global_batch_size = args.global_batch_size or 64 * world  # default: 64 images per GPU (official B/L/H)
-    if args.global_batch_size % world:
-        fail(f"--global-batch-size {args.global_batch_size} is not divisible by the {world} processes")
-    ddp = sample.setup_distributed()
-    rank, world, device = ddp.rank, ddp.world_size, ddp.device
-    local_bs, args.lr = args.global_batch_size // world, args.lr or args.blr * args.global_batch_size / 256  # official
-    os.makedirs(args.results_dir, exist_ok=True)  # every rank: exist_ok makes it safe, and no rank waits
-    logger = create_logger(args.results_dir, rank)
-    try:
-        ds, to_tokens, tok = build_data(args, device)
-    except (FileNotFoundError, ValueError) as e:  # tokenizer.py's messages are one line and say what to do
-        fail(e)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank, whatever the world size
-    model, ema, optimizer = build_training(args, device, tok)
-    if ds is None:  # --dataset random: Gaussian tokens and labels (benchmark, tests)
-        g, n = torch.Generator().manual_seed(args.seed), max(4 * args.global_batch_size, 256)
-        ds = TensorDataset(torch.randn(n, model.seq_len, model.token_channels, generator=g),
-                           torch.randint(model.num_classes, (n,), generator=g))
-    sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(ds, batch_size=local_bs, sampler=sampler, drop_last=True, pin_memory=device.type == "cuda",
-                        num_workers=args.num_workers if args.dataset == "imagefolder" else 0,  # in-memory / mmap: 0
-                        generator=torch.Generator())  # its own: making an iterator leaves the global RNG alone
-    steps_per_epoch = len(sampler) // local_bs
-    if steps_per_epoch == 0:
-        fail(f"{len(ds)} training examples cannot fill one global batch of {args.global_batch_size}")
-    total = args.max_steps or args.epochs * steps_per_epoch
-    ckpt = resume(args.resume, model, ema, optimizer) if args.resume else {}
-    step = ckpt.get("step", 0)
-    train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    logger.info(f"eMIGM-{args.size}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(ds):,} examples, "
-                f"{world} process(es) on {device}, global batch {args.global_batch_size}, lr {args.lr:.3g}, "
-                f"{total} steps ({steps_per_epoch} per epoch), starting at step {step}")
-    torch.manual_seed(args.seed + rank)  # per-rank streams for masks, noise, dropout and label drop (official)
-    if ckpt and len(ckpt["rng"]) == world:  # every rank continues its own random stream
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if "cuda" in ckpt["rng"][rank] and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-    elif ckpt:
-        logger.info(f"warning: checkpoint of {len(ckpt['rng'])} processes, now {world}: new random streams")
-    csv_path, metric, result = Path(args.results_dir) / "log.csv", None, {}
-    if rank == 0 and not csv_path.exists():
-        csv_path.write_text("step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb,cpu_s\n")
-    model.train()
-    train_step, sums, t_log, log_steps = make_train_step(train_model, ema, optimizer, args), [0.0, 0.0], time.time(), 0
-    pbar = tqdm(total=total, initial=step, disable=rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
-    while step < total:
-        sampler.set_epoch(step // steps_per_epoch)  # the same shuffle for a given epoch, straight or resumed
-        sampler.start = (step % steps_per_epoch) * local_bs  # a resume continues mid-epoch where the run stopped
-        for x, labels in itertools.islice(loader, total - step):
-            lr = lr_at(step, steps_per_epoch, total, args)
-            for group in optimizer.param_groups:
+# ---- The training run ----
+def train_loop(args, training, data, loader, ddp, logger, metric, step, total_steps):
+    """Steps `step` to total_steps: lr schedule, logs, checkpoints, grids and metric."""
+    steps_per_epoch = len(loader)
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+    # the DPM-Solver head for grids and metrics, as the official evaluation
+    sampler_kwargs = dict(num_iter=args.num_iter, cfg=args.cfg, head_steps=args.head_steps,
+                          cfg_schedule=args.cfg_schedule, cfg_interval=tuple(args.cfg_interval))
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, grad norm, steps since the last log
+    start = time.time()
+    result = {}
+    bar = tqdm(total=total_steps, initial=step, disable=ddp.rank > 0 or not sys.stderr.isatty())
+    while step < total_steps:
+        loader.sampler.set_epoch(step // steps_per_epoch)  # a shuffle per epoch
+        loader.sampler.start = (step % steps_per_epoch) * loader.batch_size  # resumed
+        for x, labels in itertools.islice(loader, total_steps - step):
+            lr = lr_at(step, args.lr, warmup_steps, total_steps, args.lr_schedule)
+            for group in training.optimizer.param_groups:
                 group["lr"] = lr
-            sums = [a + b for a, b in zip(sums, train_step(to_tokens(x), labels.to(device), step))]
-            step, log_steps = step + 1, log_steps + 1
-            pbar.update(1)
-            if step % args.log_every == 0 or step == total:  # mean loss and grad norm over the steps and the ranks
-                stats = torch.tensor(sums, dtype=torch.float64, device=device)  # NCCL reduces GPU tensors
-                if world > 1:
-                    dist.all_reduce(stats)
-                loss_mean, norm_mean = (stats.cpu() / (world * log_steps)).tolist()
-                row = [step, step / steps_per_epoch, loss_mean, lr, norm_mean,
-                       log_steps * args.global_batch_size / (time.time() - t_log), sample.peak_memory_gb(device),
-                       time.process_time()]
-                logger.info("step {} epoch {:.2f} loss {:.4f} lr {:.3g} grad norm {:.3f} {:.1f} img/s peak mem "
-                            "{:.2f} GB cpu {:.0f} s".format(*row))
-                if rank == 0:
-                    with open(csv_path, "a") as f:
-                        f.write(",".join(f"{v:.6g}" for v in row) + "\n")
-                sums, t_log, log_steps = [0.0, 0.0], time.time(), 0
-            names = ["last.pt"] * (step % args.save_every == 0 or step == total)
-            names += [f"ckpt_{step:07d}.pt"] * (args.ckpt_every > 0 and step % args.ckpt_every == 0)
-            if names:
-                write_checkpoint(names, model, ema, optimizer, step, steps_per_epoch, args, world, rank)
-            if step == total or (args.sample_every and step % args.sample_every == 0):
-                if rank == 0:
-                    if args.dataset == "fashion-mnist" and (step == total or args.periodic_metric):  # train split
-                        metric = metric or fid.SmallDataMetric(*(t.numpy() for t in ds.tensors), args.metric_cache)
-                    result = evaluate(ema, tok, args, step, device, logger, metric)
-                dist.is_initialized() and dist.barrier()
-                t_log = time.time()
-    pbar.close()
-    if rank == 0 and "accuracy" in result:
-        report_demo(metric, result, args, time.time() - start_time, logger)
-    dist.is_initialized() and dist.barrier()
-    return model, ema
+            tokens = data.to_tokens(x, ddp.device)  # (B, L, C)
+            stats = training.step(tokens, labels.to(ddp.device), step)
+            sums += torch.tensor([stats["loss"], stats["grad_norm"], 1], dtype=torch.float64)
+            step += 1
+            bar.update(1)
+            epoch = step / steps_per_epoch
+            last = step == total_steps
+            if step % args.log_every == 0 or last:
+                log_progress(sums, time.time() - start, step, epoch, lr, args, ddp, logger)
+                sums.zero_()
+                start = time.time()
+            if step % args.save_every == 0 or last:
+                save_checkpoint("last.pt", training, step, epoch, args, ddp)
+            if args.ckpt_every > 0 and step % args.ckpt_every == 0:
+                save_checkpoint(f"ckpt_{step:07d}.pt", training, step, epoch, args, ddp)
+            if last or (args.sample_every > 0 and step % args.sample_every == 0):
+                if ddp.rank == 0 and data.tokenizer is not None:
+                    grid_path = Path(args.results_dir) / f"grid_{step:07d}.png"
+                    step_metric = metric if last or args.periodic_metric else None
+                    result = evaluate(training.ema, data.tokenizer, sampler_kwargs, grid_path,
+                                      args.seed, args.grid_per_class, step_metric,
+                                      args.eval_samples, logger.info)
+                if dist.is_initialized():
+                    dist.barrier()
+                start = time.time()  # evaluating is not training
+    bar.close()
+    return result
+
+def run(args):
+    """Train as the flags say: DiT's main, distribution optional. -> Training."""
+    start_time = time.time()
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    # Check the flags together, the files and the checkpoint before any work:
+    args = check_args(args, world_size)
+    overrides = model_overrides(args)
+    config = model_config(args.size, args.img_size, overrides)
+    checkpoint = None
+    if args.resume is not None:
+        checkpoint = read_resume(args.resume, config)
+
+    # Setup DDP:
+    ddp = sample.setup_distributed()
+
+    # Create model: the same initial weights on every rank, whatever the world size
+    torch.manual_seed(args.seed)
+    model = build_model(args.size, args.img_size, overrides, ddp.device)
+    bf16 = ddp.device.type == "cuda" and not args.fp32
+    training = Training(model, args.lr, args.weight_decay, args.grad_clip, args.ema_decay,
+                        bf16, ddp=ddp.world_size > 1)
+
+    # Setup data (sets in memory or memory-mapped load in the main process):
+    data = build_data(args, model, ddp.device)
+    num_workers = args.num_workers if data.kind == "imagefolder" else 0
+    batch_size = args.global_batch_size // ddp.world_size
+    loader = make_loader(data.dataset, batch_size, ddp, args.seed, num_workers)
+    total_steps = args.max_steps
+    if total_steps is None:
+        total_steps = args.epochs * len(loader)
+    metric = None
+    if ddp.rank == 0 and data.kind == "fashion-mnist":  # a classifier of the train split
+        images, labels = data.dataset.tensors
+        metric = fid.SmallDataMetric(images.numpy(), labels.numpy(), args.metric_cache)
+
+    # Prepare models for training; random streams per rank (official: seed + rank):
+    logger = create_logger(args.results_dir, ddp.rank)
+    model.train()
+    torch.manual_seed(args.seed + ddp.rank)
+    step = 0
+    if checkpoint is not None:
+        training.load_state_dict(checkpoint)
+        step = checkpoint["step"]
+        restore_rng(checkpoint["rng"], ddp, logger)
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"eMIGM-{args.size}: {num_params:,} parameters, {len(data.dataset):,} "
+                f"examples, {ddp.world_size} process(es) on {ddp.device}, global batch "
+                f"{args.global_batch_size}, lr {args.lr:.3g}, {total_steps} steps "
+                f"({len(loader)} per epoch), starting at step {step}")
+
+    result = train_loop(args, training, data, loader, ddp, logger, metric, step, total_steps)
+    if metric is not None and "accuracy" in result:
+        seconds = time.time() - start_time
+        report_demo(metric, result, args.data_path, args.eval_samples, seconds, logger)
+    if dist.is_initialized():
+        dist.barrier()
+    return training
 
 
-def make_train_step(train_model, ema, optimizer, args):  # the parameter lists and the autocast choice made once
-    params, ema_params = list(train_model.parameters()), list(ema.parameters())  # DDP: its module's, in order
-    cuda_bf16 = params[0].device.type == "cuda" and not args.fp32  # fp32 on CPU (emigm.py keeps the head's math fp32)
-
-    def train_step(tokens, labels, step):  # tokens (B, L, C), labels (B,) -> (loss, grad norm)
-        with torch.autocast("cuda", torch.bfloat16) if cuda_bf16 else contextlib.nullcontext():
-            loss = train_model(tokens, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)  # the global L2 norm (DDP: of all ranks)
-        loss_v, norm_v = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
-        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):  # stop before the update spoils the weights
-            fail(f"non-finite loss {loss_v} (grad norm {norm_v}) at step {step + 1}: stopped before the update; "
-                 f"lower the lr (a resume from {Path(args.results_dir) / 'last.pt'} continues the run)")
-        optimizer.step()
-        with torch.no_grad():  # ema = decay * ema + (1 - decay) * p every step, from the initial weights (official)
-            torch._foreach_mul_(ema_params, args.ema_decay)
-            torch._foreach_add_(ema_params, params, alpha=1 - args.ema_decay)
-        return loss_v, norm_v
-    return train_step
-
-
+# ---- Benchmark ----
 def bench(args):
-    """--bench: training steps (forward, backward, clip, AdamW, EMA) of --size on random tokens of the 256px shapes;
-    FLOPs counted by torch's FlopCounterMode on the same steps (same seed), the peak timed on 2048^3 matmuls."""
-    from torch.utils import flop_counter as fc
-    with contextlib.suppress(Exception):  # count CPU flash attention as torch counts the GPU kernels
-        fc.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)(
-            lambda q, k, v, *a, **kw: fc.sdpa_flop_count(q, k, v))
-        fc.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)(
-            lambda g, q, k, v, *a, **kw: fc.sdpa_backward_flop_count(g, q, k, v))
+    """--bench: the loop's step of --size on random tokens, its FLOPs counted by torch."""
     device = sample.setup_distributed().device
     torch.manual_seed(args.seed)
-    args.lr, B = args.lr or 1e-4, args.global_batch_size or 8
-    model, ema, opt = build_training(args, device)
-    x = torch.randn(B, model.seq_len, model.token_channels, device=device)
-    y = torch.arange(B, device=device) % model.num_classes
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-
-    def timed(fn):
-        t = time.perf_counter()
-        fn(), sync()
-        return time.perf_counter() - t
-
-    train_step = make_train_step(model, ema, opt, args)
-    step = lambda: train_step(x, y, 0)  # exactly the training loop's step
-    step(), step()  # warm-up
+    lr = 1e-4 if args.lr is None else args.lr
+    batch_size = 8 if args.global_batch_size is None else args.global_batch_size
+    model = build_model(args.size, args.img_size, model_overrides(args), device)
+    bf16 = device.type == "cuda" and not args.fp32
+    training = Training(model, lr, args.weight_decay, args.grad_clip, args.ema_decay, bf16)
+    tokens = torch.randn(batch_size, model.seq_len, model.token_channels, device=device)
+    labels = torch.arange(batch_size, device=device) % model.num_classes
+    for _ in range(2):  # warm-up
+        training.step(tokens, labels)
     torch.manual_seed(args.seed)
-    t = sorted(timed(step) for _ in range(BENCH_STEPS))[BENCH_STEPS // 2]
-    torch.manual_seed(args.seed)  # the same masks, so the same shapes, as the timed steps
-    with fc.FlopCounterMode(display=False) as counter:
-        [step() for _ in range(BENCH_STEPS)]
+    times = []
+    for _ in range(BENCH_STEPS):
+        start = time.perf_counter()
+        training.step(tokens, labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[BENCH_STEPS // 2]
+    torch.manual_seed(args.seed)  # the same masks, so the same shapes, as timed
+    with flop_counter.FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        for _ in range(BENCH_STEPS):  # attention as matmuls, which torch counts
+            training.step(tokens, labels)
     peak = sample.matmul_peak_flops(device)
-    achieved = counter.get_total_flops() / BENCH_STEPS / t
-    print(f"eMIGM-{args.size}, {model.seq_len} tokens x {model.token_channels} ch, batch {B}, {device}, "
-          f"{torch.get_num_threads()} threads: step {t:.3f} s (median of {BENCH_STEPS}), {B / t:.1f} images/s, "
-          f"peak memory {sample.peak_memory_gb(device):.2f} GB, {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of the "
-          f"fp32 matmul peak ({peak / 1e9:.1f} GFLOP/s, 2048^3 in this process)")
+    achieved = counter.get_total_flops() / BENCH_STEPS / seconds
+    print(f"eMIGM-{args.size}, {model.seq_len} tokens x {model.token_channels} ch, batch "
+          f"{batch_size}, {device}, {torch.get_num_threads()} threads: step "
+          f"{seconds:.3f} s (median of {BENCH_STEPS}), {batch_size / seconds:.1f} "
+          f"images/s, peak memory {sample.peak_memory_gb(device):.2f} GB, "
+          f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of the fp32 matmul "
+          f"peak ({peak / 1e9:.1f} GFLOP/s)")
 
 
-def parse_args(argv=None):
+# ---- Command line: argparse types check each flag, check_args the flags together ----
+def check_args(args, world_size):
+    """A copy of args with the defaults that depend on other flags, checked together
+    and against the file system, before any work."""
+    args = copy.copy(args)
+    if args.cached_path is not None:  # --cached-path wins over --dataset
+        args.dataset = "cached"
+    if args.global_batch_size is None:  # the official batch per GPU, per process
+        args.global_batch_size = BATCH_PER_GPU.get(args.size, 64) * world_size
+    if args.lr is None:  # official
+        args.lr = args.blr * args.global_batch_size / 256
+    if args.global_batch_size % world_size:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible "
+                         f"by the {world_size} processes: pass a multiple")
+    if not args.cfg_interval[0] < args.cfg_interval[1]:
+        raise ValueError(f"--cfg-interval {args.cfg_interval}: pass T_MIN < T_MAX")
+    if args.cfg < 1:  # as sample.py's --cfg
+        raise ValueError(f"--cfg {args.cfg}: pass a scale >= 1 (1 = no guidance)")
+    if args.t_min == 1:
+        raise ValueError("--t-min 1: pass a time in [0, 1)")
+    if args.dataset == "fashion-mnist" and 28 % args.patch:
+        raise ValueError(f"--patch {args.patch} does not divide 28: pass 2, 4, 7 or 14")
+    imagefolder = args.dataset == "imagefolder"
+    if imagefolder and args.img_size != 256:
+        raise ValueError("--img-size 512 needs cached DC-AE latents: pass --cached-path")
+    if imagefolder and (args.data_path is None or args.vae is None):
+        raise FileNotFoundError("--data-path and --vae: pass an ImageFolder tree and MAR's "
+                                "kl16.ckpt, or --cached-path")
+    for flag in ("data_path", "cached_path"):
+        folder = getattr(args, flag)
+        if folder is not None and args.dataset != "random" and not os.path.isdir(folder):
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {folder} is not a folder")
+    if args.vae is not None and not os.path.exists(args.vae):
+        raise FileNotFoundError(f"--vae {args.vae} does not exist: pass MAR's kl16.ckpt")
+    # the results folder: writable, and no run but the one resumed (before any writes)
+    path = Path(args.results_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--results-dir {path} cannot be made ({error.strerror})")
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--results-dir {path} is not writable: pass another")
+    earlier = [p.name for p in path.iterdir()
+               if p.name in RUN_FILES or p.name.startswith(("ckpt_", "grid_"))]
+    if earlier and args.resume is None:
+        raise ValueError(f"--results-dir {path} holds a run ({', '.join(sorted(earlier))})"
+                         f": pass another, or --resume {path / 'last.pt'}")
+    return args
+
+def model_overrides(args):
+    """The constructor arguments set by flags and by pixel data."""
+    overrides = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
+    if args.dropout is not None:
+        overrides.update(attn_dropout=args.dropout, proj_dropout=args.dropout)
+    if args.dataset == "fashion-mnist":  # patches of 28x28 images, 10 classes
+        patches = (28 // args.patch) ** 2
+        overrides.update(seq_len=patches, token_channels=args.patch**2, num_classes=10)
+    return overrides
+
+def model_config(size, img_size, overrides):
+    """The checked config of that model, built on the meta device (no memory)."""
+    try:
+        with torch.device("meta"):
+            config = build_model(size, img_size, overrides, device="meta").config
+    except ValueError as error:
+        raise ValueError(f"--size {size} --img-size {img_size}: {error}") from None
+    if config["width"] % config["num_heads"]:
+        raise ValueError(f"--width {config['width']} is not divisible by --num-heads "
+                         f"{config['num_heads']}: pass a multiple")
+    return config
+
+def build_parser(argv=None):
+    """The flags, defaults the paper's; with --demo in argv, the demo's settings."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--demo", action="store_true", help="the Fashion-MNIST CPU demo: " + str(DEMO))
-    p.add_argument("--bench", action="store_true", help="time a training step on random data (batch 8)")
+    p.add_argument("--demo", action="store_true", help=f"the CPU demo: {DEMO}")
+    p.add_argument("--bench", action="store_true", help="time steps on random data")
     p.add_argument("--size", default="B", choices=list(emigm.EMIGM_models))
     p.add_argument("--img-size", type=int, default=256, choices=[256, 512])
-    # data
     p.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion-mnist", "random"])
-    p.add_argument("--data-path", help="ImageFolder root, or the Fashion-MNIST IDX folder (default: the system's)")
-    p.add_argument("--cached-path", help="latent shards written by `tokenizer.py cache` (instead of --data-path)")
-    p.add_argument("--vae", help="kl16.ckpt: encodes --data-path images, decodes grids")
-    p.add_argument("--patch", type=int, default=4, help="pixel patch of the Fashion-MNIST tokens (28 = 7 x 4)")
-    p.add_argument("--num-workers", type=int, default=8, help="ImageFolder decoding workers")
+    p.add_argument("--data-path", help="an ImageFolder tree, or Fashion-MNIST's folder")
+    p.add_argument("--cached-path", help="the latents of `tokenizer.py cache`")
+    p.add_argument("--vae", help="kl16.ckpt: encodes images, decodes grids")
+    p.add_argument("--patch", type=positive_int, default=4, help="Fashion-MNIST's patch")
+    p.add_argument("--num-workers", type=nonnegative_int, default=8)
     # the official recipe
-    p.add_argument("--epochs", type=int, default=800)
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides --epochs)")
-    p.add_argument("--global-batch-size", type=int, help="default: 64 per process")
-    p.add_argument("--blr", type=float, default=1e-4, help="lr = blr x global batch / 256")
-    p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
+    p.add_argument("--epochs", type=positive_int, default=800)
+    p.add_argument("--max-steps", type=positive_int, help="overrides --epochs")
+    p.add_argument("--global-batch-size", type=positive_int,
+                   help="default: 32 per process for XS and S, 64 for B, L, H, Tiny")
+    p.add_argument("--blr", type=positive_float, default=1e-4, help="lr = blr x batch / 256")
+    p.add_argument("--lr", type=positive_float, help="overrides --blr")
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
-    p.add_argument("--warmup-epochs", type=float, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.02)
-    p.add_argument("--grad-clip", type=float, default=3.0)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--warmup-epochs", type=nonnegative_float, default=100)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.02)
+    p.add_argument("--grad-clip", type=nonnegative_float, default=3.0, help="0: none")
+    p.add_argument("--ema-decay", type=unit_interval, default=0.9999)
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
-    p.add_argument("--seed", type=int, default=1, help="rank r uses seed + r (official)")
-    # the model: None = the preset's value; the preset defaults are the paper's (Fig. 2 choices marked)
-    p.add_argument("--mask-schedule", choices=list(emigm.SCHEDULES), help="Fig. 2a (paper: exp)")
-    p.add_argument("--loss-weighting", choices=list(emigm.WEIGHTINGS), help="Fig. 2b (paper: constant)")
-    p.add_argument("--mae", dest="use_mae", action=argparse.BooleanOptionalAction, help="Fig. 2c (paper: on)")
-    p.add_argument("--t-min", type=float, help="Fig. 2d: time truncation (paper: 0.2)")
-    p.add_argument("--cfg-with-mask", action=argparse.BooleanOptionalAction, help="Fig. 2e (paper: on)")
-    p.add_argument("--diffusion-batch-mul", type=int, help="head copies per token (paper: 4)")
-    p.add_argument("--label-drop-prob", type=float, help="CFG training (paper: 0.1)")
-    p.add_argument("--dropout", type=float, help="attention and projection dropout (paper: 0.1)")
+    p.add_argument("--seed", type=nonnegative_int, default=1, help="rank r: seed + r")
+    # the model (None: the preset's value, the paper's)
+    p.add_argument("--mask-schedule", choices=list(emigm.SCHEDULES), help="Fig. 2a")
+    p.add_argument("--loss-weighting", choices=list(emigm.WEIGHTINGS), help="Fig. 2b")
+    on_off = argparse.BooleanOptionalAction
+    p.add_argument("--mae", dest="use_mae", action=on_off, help="Fig. 2c")
+    p.add_argument("--t-min", type=unit_interval, help="Fig. 2d: in [0, 1)")
+    p.add_argument("--cfg-with-mask", action=on_off, help="Fig. 2e")
+    p.add_argument("--diffusion-batch-mul", type=positive_int, help="head copies")
+    p.add_argument("--label-drop-prob", type=unit_interval, help="for CFG")
+    p.add_argument("--dropout", type=unit_interval, help="attention and projection")
     for name in ("width", "depth", "num-heads", "head-depth", "head-width", "buffer-size"):
-        p.add_argument(f"--{name}", type=int, help="override the preset")
+        p.add_argument(f"--{name}", type=positive_int)
     # logging, checkpoints, evaluation
-    p.add_argument("--results-dir", default="results")
-    p.add_argument("--resume", help="a last.pt / ckpt_*.pt of this run")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=1000, help="steps between rolling last.pt writes")
-    p.add_argument("--ckpt-every", type=int, default=50000, help="steps between numbered checkpoints (0: none)")
-    p.add_argument("--sample-every", type=int, default=10000, help="steps between EMA grids (0: at the end only)")
-    p.add_argument("--periodic-metric", action="store_true", help="Fashion-MNIST: the metric with every grid")
-    p.add_argument("--eval-samples", type=int, default=1000)
-    p.add_argument("--metric-cache", default=str(sample.METRIC_CACHE), help="the small-data metric's classifier")
-    p.add_argument("--grid-per-class", type=int, default=8)
-    p.add_argument("--num-iter", type=int, default=16, help="sampling steps K")
-    p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--cfg-schedule", default="constant")
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=[0.1, 0.3], metavar=("T_MIN", "T_MAX"))
-    p.add_argument("--head-steps", type=int, default=8)
-    if "--demo" in (sys.argv[1:] if argv is None else argv):  # the demo's values become the defaults; flags win
+    p.add_argument("--results-dir", default="results", help="one run per folder")
+    p.add_argument("--resume", help="a last.pt or ckpt_*.pt: continues its run")
+    p.add_argument("--log-every", type=positive_int, default=100)
+    p.add_argument("--save-every", type=positive_int, default=1000, help="for last.pt")
+    p.add_argument("--ckpt-every", type=nonnegative_int, default=50000, help="0: never")
+    p.add_argument("--sample-every", type=nonnegative_int, default=10000, help="0: never")
+    p.add_argument("--periodic-metric", action="store_true", help="at every grid")
+    p.add_argument("--eval-samples", type=positive_int, default=1000)
+    p.add_argument("--metric-cache", default=str(sample.METRIC_CACHE))
+    p.add_argument("--grid-per-class", type=positive_int, default=8)
+    p.add_argument("--num-iter", type=positive_int, default=16, help="sampling steps K")
+    p.add_argument("--cfg", type=positive_float, default=4.0, help="1: no guidance")
+    p.add_argument("--cfg-schedule", default="constant", choices=list(sample.CFG_SCHEDULES))
+    p.add_argument("--cfg-interval", type=unit_interval, nargs=2, default=[0.1, 0.3],
+                   metavar=("T_MIN", "T_MAX"))
+    p.add_argument("--head-steps", type=positive_int, default=8)
+    if "--demo" in (sys.argv[1:] if argv is None else argv):  # flags given win
         p.set_defaults(**DEMO)
-    args = p.parse_args(argv)
-    args.dataset = "cached" if args.cached_path else args.dataset  # --cached-path wins over --dataset
-    return args
+    return p
+
+def main(argv=None):
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        if args.bench:
+            bench(args)
+        else:
+            run(args)
+    except (ValueError, FileNotFoundError) as error:
+        message = " ".join(str(error).split())  # one line
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    bench(args) if args.bench else main(args)
+    main()
