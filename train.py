@@ -1,10 +1,10 @@
 """Train eMIGM (You et al. 2025, "Effective and Efficient Masked Image Generation Models").
 
-One loop for every scale, laid out as DiT's train.py. The defaults are the official recipe
-(Sec. 5, the official scripts): AdamW, betas (0.9, 0.95), weight decay 0.02; lr = 1e-4 x
-global batch / 256, 100 warmup epochs, then constant; clipping at 3.0; EMA 0.9999; 800
-epochs; 32 images per GPU for XS and S, 64 for B, L and H. Fig. 2's choices are flags. One
-run per --results-dir: --resume DIR/last.pt continues it exactly (data order and RNG too).
+One loop for every scale, laid out as DiT's train.py. The defaults are the official
+recipe (Sec. 5, the official scripts): AdamW, betas (0.9, 0.95), weight decay 0.02;
+lr = 1e-4 x batch / 256, 100 warmup epochs, then constant; clipping at 3.0; EMA 0.9999;
+800 epochs; 32 images per GPU for XS and S, 64 for B, L and H. Fig. 2's choices are
+flags. One run per --results-dir; --resume DIR/last.pt continues it exactly.
 
     torchrun --nproc_per_node 8 train.py --size B --cached-path cache/
     torchrun --nproc_per_node 8 train.py --size B --data-path imagenet/ --vae kl16.ckpt
@@ -37,13 +37,12 @@ import emigm
 import fid
 import sample
 import tokenizer
-from sample import nonnegative_float, nonnegative_int, positive_float, positive_int
-from sample import unit_interval
+from sample import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
 
 # The official batch per GPU (the scripts' --batch_size, on 32 GPUs).
 BATCH_PER_GPU = {"XS": 32, "S": 32, "B": 64, "L": 64, "H": 64, "Tiny": 64}
-# The Fashion-MNIST demo, <= 10 minutes on 2 CPU cores: 7x7 pixel patches (16 tokens of
-# 49 values), no dropout, lr 1e-3 with a cosine decay, EMA 0.995, CFG 3 at every step.
+# The Fashion-MNIST demo, <= 10 minutes on 2 CPU cores: 7x7 pixel patches (16 tokens),
+# no dropout, lr 1e-3 with a cosine decay, EMA 0.995, CFG 3 at every step.
 DEMO = dict(
     dataset="fashion-mnist", size="Tiny", patch=7, head_depth=3, dropout=0.0,
     diffusion_batch_mul=4, global_batch_size=64, blr=4e-3, warmup_epochs=0.05,
@@ -54,14 +53,15 @@ DEMO = dict(
 MODEL_FLAGS = ("width", "depth", "num_heads", "head_depth", "head_width", "buffer_size",
                "mask_schedule", "loss_weighting", "t_min", "use_mae", "cfg_with_mask",
                "label_drop_prob", "diffusion_batch_mul")
-RUN_FILES = ("last.pt", "log.csv", "log.txt")  # with ckpt_* and grid_*: a run's files
+RUN_FILES = ("last.pt", "log.csv", "log.txt")  # and ckpt_*, grid_*: a run's files
+CSV_HEADER = "step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb,cpu_s\n"
 BENCH_STEPS = 5
 EVAL_BATCH = 250  # images per sampling batch in grids and evaluations
 
 
 # ---- The model, its optimiser and one training step (Sec. 3 and 5) ----
 def build_model(size, img_size=256, overrides=None, device="cpu"):
-    """eMIGM-{size} (Table 2), drawn on the CPU: one seed, the same weights anywhere."""
+    """eMIGM-{size} (Table 2), drawn on the CPU: the same weights anywhere."""
     model = emigm.EMIGM_models[size](img_size=img_size, **(overrides or {}))
     return model.to(device)
 
@@ -74,11 +74,10 @@ def param_groups(model, weight_decay):
             no_decay.append(param)
         else:
             decay.append(param)
-    return [dict(params=decay, weight_decay=weight_decay),
-            dict(params=no_decay, weight_decay=0.0)]
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0)]
 
 def lr_at(step, lr, warmup_steps, total_steps, schedule="constant"):
-    """Linear warmup per step (official), then constant (official) or cosine (MAR's)."""
+    """Linear warmup per step, then constant (official) or cosine (MAR's)."""
     if step < warmup_steps:
         return lr * step / warmup_steps
     if schedule == "constant":
@@ -106,7 +105,7 @@ class Training:
         self.bf16 = bf16  # autocast on CUDA; else fp32
 
     def step(self, tokens, labels, step=0):
-        """tokens (B, L, C), labels (B,) -> dict(loss=, grad_norm=) (before clipping)"""
+        """tokens (B, L, C), labels (B,) -> dict(loss=, grad_norm=)"""
         with torch.autocast("cuda", torch.bfloat16) if self.bf16 else nullcontext():
             loss = self.train_model(tokens, labels)  # the loss of Sec. 3
         self.optimizer.zero_grad(set_to_none=True)
@@ -117,7 +116,7 @@ class Training:
             raise ValueError(f"non-finite loss {stats[0]} at step {step + 1}: stopped "
                              f"before the update; lower --lr or --blr")
         self.optimizer.step()
-        with torch.no_grad():  # ema = decay x ema + (1 - decay) x weights, every step
+        with torch.no_grad():  # ema = decay x ema + (1 - decay) x weights
             torch._foreach_mul_(self.ema_params, self.ema_decay)
             torch._foreach_add_(self.ema_params, self.params, alpha=1 - self.ema_decay)
         return dict(loss=stats[0], grad_norm=stats[1])
@@ -128,7 +127,7 @@ class Training:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
 
 
-# ---- Data: each source yields (x, label) batches; to_tokens turns x into tokens ----
+# ---- Data: (x, label) batches, and to_tokens(x) ----
 @dataclass
 class TrainData:
     kind: str  # "random", "fashion-mnist", "cached" or "imagefolder"
@@ -137,11 +136,11 @@ class TrainData:
 
     @torch.no_grad()
     def to_tokens(self, x, device):  # a batch -> tokens (B, L, C)
-        if self.kind == "fashion-mnist":  # uint8 (B, 28, 28) -> [-1, 1] -> pixel patches
+        if self.kind == "fashion-mnist":  # uint8 (B, 28, 28) -> [-1, 1] -> patches
             return self.tokenizer.encode(x.to(device)[:, None].float() / 127.5 - 1)
         if self.kind == "random" or self.kind == "cached":
             return x.to(device)
-        # images (B, 3, H, W) in [-1, 1]: a random flip (official), a VAE posterior sample
+        # images (B, 3, H, W) in [-1, 1]: a random flip (official), a VAE sample
         flip = torch.rand(len(x)) < 0.5  # (B,)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return self.tokenizer.encode(x.to(device))
@@ -189,11 +188,11 @@ def make_loader(dataset, batch_size, ddp, seed, num_workers):
     return loader
 
 
-# ---- Evaluation with sample.py: a class-conditional grid and the small-data metric ----
+# ---- Evaluation with sample.py: a grid and the small-data metric ----
 def evaluate(ema, tok, sampler_kwargs, grid_path, seed, per_class=8, metric=None,
              num_samples=1000, log=print):
-    """The EMA model's grid and, given a fid.SmallDataMetric, its value on class-balanced
-    samples; -> dict(grid=path, frechet=, accuracy=, ...). Not the training RNG."""
+    """The EMA model's grid and, given a fid.SmallDataMetric, its value on balanced
+    classes -> dict(grid=path, frechet=, accuracy=, ...). Not the training RNG."""
     device = next(ema.parameters()).device
     classes = list(range(ema.num_classes)) if ema.num_classes <= 16 else sample.GRID_CLASSES
     sample.save_grid(ema, tok, classes, per_class, sampler_kwargs, seed, EVAL_BATCH,
@@ -210,12 +209,11 @@ def evaluate(ema, tok, sampler_kwargs, grid_path, seed, per_class=8, metric=None
     images = np.concatenate(batches)  # (N, H, W, 3) uint8
     result.update(metric.evaluate(images[..., 0], labels.numpy()))
     log(f"small-data Frechet distance {result['frechet']:.3f}, conditional accuracy "
-        f"{result['accuracy']:.3f} ({num_samples} EMA samples, K={sampler_kwargs['num_iter']}"
-        f", cfg {sampler_kwargs['cfg']})")
+        f"{result['accuracy']:.3f} ({num_samples} EMA samples)")
     return result
 
 def report_demo(metric, result, data_path, num_samples, seconds, logger):
-    """The demo's verdict beside as many real test images (the FD's bias depends on N)."""
+    """The demo's verdict beside as many real test images (FD's bias depends on N)."""
     images, labels = tokenizer.load_fashion_mnist("test", data_path)
     base = metric.baselines(images[:num_samples].numpy(), labels[:num_samples].numpy())
     verdict = {True: "met", False: "MISSED"}
@@ -277,7 +275,7 @@ def restore_rng(rng_states, ddp, logger):
         torch.cuda.set_rng_state(rng_states[ddp.rank]["cuda"])
 
 def create_logger(results_dir, rank):
-    """DiT's: rank 0 logs to stdout and results_dir/log.txt; other ranks are silent."""
+    """DiT's: rank 0 logs to stdout and log.txt; the other ranks are silent."""
     logger = logging.getLogger("train")
     for handler in logger.handlers:  # of an earlier run in this process
         handler.close()
@@ -292,7 +290,7 @@ def create_logger(results_dir, rank):
     return logger
 
 def log_progress(sums, seconds, step, epoch, lr, args, ddp, logger):
-    """sums: this rank's loss sum, grad-norm sum, steps; means over all ranks logged."""
+    """sums: this rank's loss sum, grad-norm sum, steps; logs means over ranks."""
     sums = sums.to(ddp.device)  # NCCL reduces GPU tensors
     if ddp.world_size > 1:
         dist.all_reduce(sums)
@@ -305,21 +303,20 @@ def log_progress(sums, seconds, step, epoch, lr, args, ddp, logger):
     csv_path = Path(args.results_dir) / "log.csv"
     if ddp.rank == 0:
         if not csv_path.exists():
-            csv_path.write_text("step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb,"
-                                "cpu_s\n")
+            csv_path.write_text(CSV_HEADER)
         with open(csv_path, "a") as f:
             f.write(",".join(f"{v:.6g}" for v in row) + "\n")
 
 
 # ---- The training run ----
 def train_loop(args, training, data, loader, ddp, logger, metric, step, total_steps):
-    """Steps `step` to total_steps: lr schedule, logs, checkpoints, grids and metric."""
+    """Steps `step` to total_steps: lr, logs, checkpoints, grids, metric."""
     steps_per_epoch = len(loader)
     warmup_steps = args.warmup_epochs * steps_per_epoch
     # the DPM-Solver head for grids and metrics, as the official evaluation
     sampler_kwargs = dict(num_iter=args.num_iter, cfg=args.cfg, head_steps=args.head_steps,
                           cfg_schedule=args.cfg_schedule, cfg_interval=tuple(args.cfg_interval))
-    sums = torch.zeros(3, dtype=torch.float64)  # loss, grad norm, steps since the last log
+    sums = torch.zeros(3, dtype=torch.float64)  # since the last log
     start = time.time()
     result = {}
     bar = tqdm(total=total_steps, initial=step, disable=ddp.rank > 0 or not sys.stderr.isatty())
@@ -389,7 +386,7 @@ def run(args):
     if total_steps is None:
         total_steps = args.epochs * len(loader)
     metric = None
-    if ddp.rank == 0 and data.kind == "fashion-mnist":  # a classifier of the train split
+    if ddp.rank == 0 and data.kind == "fashion-mnist":  # trained on the train split
         images, labels = data.dataset.tensors
         metric = fid.SmallDataMetric(images.numpy(), labels.numpy(), args.metric_cache)
 
@@ -419,7 +416,7 @@ def run(args):
 
 # ---- Benchmark ----
 def bench(args):
-    """--bench: the loop's step of --size on random tokens, its FLOPs counted by torch."""
+    """--bench: the loop's step of --size on random tokens, and its FLOPs."""
     device = sample.setup_distributed().device
     torch.manual_seed(args.seed)
     lr = 1e-4 if args.lr is None else args.lr
@@ -454,7 +451,7 @@ def bench(args):
           f"peak ({peak / 1e9:.1f} GFLOP/s)")
 
 
-# ---- Command line: argparse types check each flag, check_args the flags together ----
+# ---- Command line: argparse types check each flag, check_args them together ----
 def check_args(args, world_size):
     """A copy of args with the defaults that depend on other flags, checked together
     and against the file system, before any work."""
@@ -478,9 +475,9 @@ def check_args(args, world_size):
         raise ValueError(f"--patch {args.patch} does not divide 28: pass 2, 4, 7 or 14")
     imagefolder = args.dataset == "imagefolder"
     if imagefolder and args.img_size != 256:
-        raise ValueError("--img-size 512 needs cached DC-AE latents: pass --cached-path")
+        raise ValueError("--img-size 512 trains on DC-AE latents: pass --cached-path")
     if imagefolder and (args.data_path is None or args.vae is None):
-        raise FileNotFoundError("--data-path and --vae: pass an ImageFolder tree and MAR's "
+        raise FileNotFoundError("--data-path and --vae: pass an ImageFolder tree and "
                                 "kl16.ckpt, or --cached-path")
     for flag in ("data_path", "cached_path"):
         folder = getattr(args, flag)
@@ -488,7 +485,7 @@ def check_args(args, world_size):
             raise FileNotFoundError(f"--{flag.replace('_', '-')} {folder} is not a folder")
     if args.vae is not None and not os.path.exists(args.vae):
         raise FileNotFoundError(f"--vae {args.vae} does not exist: pass MAR's kl16.ckpt")
-    # the results folder: writable, and no run but the one resumed (before any writes)
+    # the results folder: writable, no run but the one resumed
     path = Path(args.results_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -570,7 +567,7 @@ def build_parser(argv=None):
     p.add_argument("--log-every", type=positive_int, default=100)
     p.add_argument("--save-every", type=positive_int, default=1000, help="for last.pt")
     p.add_argument("--ckpt-every", type=nonnegative_int, default=50000, help="0: never")
-    p.add_argument("--sample-every", type=nonnegative_int, default=10000, help="0: never")
+    p.add_argument("--sample-every", type=nonnegative_int, default=10000, help="0: end only")
     p.add_argument("--periodic-metric", action="store_true", help="at every grid")
     p.add_argument("--eval-samples", type=positive_int, default=1000)
     p.add_argument("--metric-cache", default=str(sample.METRIC_CACHE))
