@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import bench
 import emigm
-import sample
 import train
 
 HERE = Path(__file__).parent
@@ -396,7 +396,7 @@ def test_fashion_mnist_demo_path(fashion_folder, tmp_path):
 def test_bench_runs_the_training_step(capsys, monkeypatch):
     """--bench on the tiny model: its steps, FLOPs and report (the 2048^3 peak probe replaced by 1
     TFLOP/s)."""
-    monkeypatch.setattr(sample, "matmul_peak_flops", lambda device: 1e12)
+    monkeypatch.setattr(bench, "matmul_peak_flops", lambda device: 1e12)
     train.main(["--bench", *TINY[:2], *TINY[4:16], "--global-batch-size", "4"])
     report = capsys.readouterr().out
     assert "eMIGM-Tiny, 16 tokens x 49 ch, batch 4" in report

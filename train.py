@@ -33,11 +33,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+import bench
 import emigm
-import fid
 import sample
+import small_metric
 import tokenizer
-from sample import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
+from sample import guidance_scale, nonnegative_float, nonnegative_int, positive_float, positive_int
+from sample import unit_interval
 
 # The official batch per GPU (the scripts' --batch_size, on 32 GPUs).
 BATCH_PER_GPU = {"XS": 32, "S": 32, "B": 64, "L": 64, "H": 64, "Tiny": 64}
@@ -191,8 +193,8 @@ def make_loader(dataset, batch_size, ddp, seed, num_workers):
 # ---- Evaluation with sample.py: a grid and the small-data metric ----
 def evaluate(ema, tok, sampler_kwargs, grid_path, seed, per_class=8, metric=None,
              num_samples=1000, log=print):
-    """The EMA model's grid and, given a fid.SmallDataMetric, its value on balanced
-    classes -> dict(grid=path, frechet=, accuracy=, ...). Not the training RNG."""
+    """The EMA model's grid and, given a small_metric.SmallDataMetric, its value on
+    balanced classes -> dict(grid=path, frechet=, ...). Not the training RNG."""
     device = next(ema.parameters()).device
     classes = list(range(ema.num_classes)) if ema.num_classes <= 16 else sample.GRID_CLASSES
     sample.save_grid(ema, tok, classes, per_class, sampler_kwargs, seed, EVAL_BATCH,
@@ -388,7 +390,7 @@ def run(args):
     metric = None
     if ddp.rank == 0 and data.kind == "fashion-mnist":  # trained on the train split
         images, labels = data.dataset.tensors
-        metric = fid.SmallDataMetric(images.numpy(), labels.numpy(), args.metric_cache)
+        metric = small_metric.SmallDataMetric(images.numpy(), labels.numpy(), args.metric_cache)
 
     # Prepare models for training; random streams per rank (official: seed + rank):
     logger = create_logger(args.results_dir, ddp.rank)
@@ -415,7 +417,7 @@ def run(args):
 
 
 # ---- Benchmark ----
-def bench(args):
+def benchmark(args):
     """--bench: the loop's step of --size on random tokens, and its FLOPs."""
     device = sample.setup_distributed().device
     torch.manual_seed(args.seed)
@@ -441,7 +443,7 @@ def bench(args):
     with flop_counter.FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         for _ in range(BENCH_STEPS):  # attention as matmuls, which torch counts
             training.step(tokens, labels)
-    peak = sample.matmul_peak_flops(device)
+    peak = bench.matmul_peak_flops(device)
     achieved = counter.get_total_flops() / BENCH_STEPS / seconds
     print(f"eMIGM-{args.size}, {model.seq_len} tokens x {model.token_channels} ch, batch "
           f"{batch_size}, {device}, {torch.get_num_threads()} threads: step "
@@ -467,8 +469,6 @@ def check_args(args, world_size):
                          f"by the {world_size} processes: pass a multiple")
     if not args.cfg_interval[0] < args.cfg_interval[1]:
         raise ValueError(f"--cfg-interval {args.cfg_interval}: pass T_MIN < T_MAX")
-    if args.cfg < 1:  # as sample.py's --cfg
-        raise ValueError(f"--cfg {args.cfg}: pass a scale >= 1 (1 = no guidance)")
     if args.t_min == 1:
         raise ValueError("--t-min 1: pass a time in [0, 1)")
     if args.dataset == "fashion-mnist" and 28 % args.patch:
@@ -573,7 +573,7 @@ def build_parser(argv=None):
     p.add_argument("--metric-cache", default=str(sample.METRIC_CACHE))
     p.add_argument("--grid-per-class", type=positive_int, default=8)
     p.add_argument("--num-iter", type=positive_int, default=16, help="sampling steps K")
-    p.add_argument("--cfg", type=positive_float, default=4.0, help="1: no guidance")
+    p.add_argument("--cfg", type=guidance_scale, default=4.0, help="1: no guidance")
     p.add_argument("--cfg-schedule", default="constant", choices=list(sample.CFG_SCHEDULES))
     p.add_argument("--cfg-interval", type=unit_interval, nargs=2, default=[0.1, 0.3],
                    metavar=("T_MIN", "T_MAX"))
@@ -587,7 +587,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.bench:
-            bench(args)
+            benchmark(args)
         else:
             run(args)
     except (ValueError, FileNotFoundError) as error:
