@@ -10,9 +10,14 @@ import argparse
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils import flop_counter
 
 import emigm
 import sample
+import train
+
+BENCH_STEPS = 5  # timed training steps (after 2 of warm-up)
 
 
 def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
@@ -26,6 +31,44 @@ def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
             torch.cuda.synchronize(device)
         best = max(best, 2 * 2048**3 / (clock() - start))
     return best
+
+
+# ==== A training step (train.py --bench) ====
+def training(args):
+    """train.py --bench: the training loop's own step (forward, backward, clipping, AdamW, EMA) of
+    --size on random tokens, timed (median of BENCH_STEPS), and its FLOPs counted by torch."""
+    device = sample.setup_distributed().device
+    torch.manual_seed(args.seed)
+    lr = 1e-4 if args.lr is None else args.lr
+    batch_size = 8 if args.global_batch_size is None else args.global_batch_size
+    model = train.build_model(args.size, args.img_size, train.model_overrides(args), device)
+    bf16 = device.type == "cuda" and not args.fp32
+    training = train.Training(model, lr, args.weight_decay, args.grad_clip, args.ema_decay, bf16)
+    tokens = torch.randn(batch_size, model.seq_len, model.token_channels, device=device)
+    labels = torch.arange(batch_size, device=device) % model.num_classes
+    for _ in range(2):  # warm-up
+        training.step(tokens, labels)
+    torch.manual_seed(args.seed)
+    times = []
+    for _ in range(BENCH_STEPS):
+        start = time.perf_counter()
+        training.step(tokens, labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[BENCH_STEPS // 2]
+    torch.manual_seed(args.seed)  # the same masks, so the same shapes, as timed
+    with flop_counter.FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        for _ in range(BENCH_STEPS):  # attention as matmuls, which torch counts
+            training.step(tokens, labels)
+    peak = matmul_peak_flops(device)
+    achieved = counter.get_total_flops() / BENCH_STEPS / seconds
+    print(f"eMIGM-{args.size}, {model.seq_len} tokens x {model.token_channels} ch, batch "
+          f"{batch_size}, {device}, {torch.get_num_threads()} threads: step "
+          f"{seconds:.3f} s (median of {BENCH_STEPS}), {batch_size / seconds:.1f} "
+          f"images/s, peak memory {sample.peak_memory_gb(device):.2f} GB, "
+          f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of the fp32 matmul "
+          f"peak ({peak / 1e9:.1f} GFLOP/s)")
 
 
 # ==== The sampler (sample.py --bench) ====
@@ -84,8 +127,7 @@ def main(argv=None):
     commands.add_parser("train", help="a training step of train.py: the flags of train.py --bench",
                         add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.command == "train":
-        import train  # train.py parses and checks its own flags
+    if args.command == "train":  # train.py parses and checks its own flags
         train.main(["--bench", *rest])
         return
     if rest:

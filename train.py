@@ -26,14 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils import flop_counter
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-import bench
 import emigm
 import sample
 import small_metric
@@ -57,7 +54,6 @@ MODEL_FLAGS = ("width", "depth", "num_heads", "head_depth", "head_width", "buffe
                "label_drop_prob", "diffusion_batch_mul")
 RUN_FILES = ("last.pt", "log.csv", "log.txt")  # and ckpt_*, grid_*: a run's files
 CSV_HEADER = "step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb,cpu_s\n"
-BENCH_STEPS = 5
 EVAL_BATCH = 250  # images per sampling batch in grids and evaluations
 
 
@@ -416,43 +412,6 @@ def run(args):
     return training
 
 
-# ---- Benchmark ----
-def benchmark(args):
-    """--bench: the loop's step of --size on random tokens, and its FLOPs."""
-    device = sample.setup_distributed().device
-    torch.manual_seed(args.seed)
-    lr = 1e-4 if args.lr is None else args.lr
-    batch_size = 8 if args.global_batch_size is None else args.global_batch_size
-    model = build_model(args.size, args.img_size, model_overrides(args), device)
-    bf16 = device.type == "cuda" and not args.fp32
-    training = Training(model, lr, args.weight_decay, args.grad_clip, args.ema_decay, bf16)
-    tokens = torch.randn(batch_size, model.seq_len, model.token_channels, device=device)
-    labels = torch.arange(batch_size, device=device) % model.num_classes
-    for _ in range(2):  # warm-up
-        training.step(tokens, labels)
-    torch.manual_seed(args.seed)
-    times = []
-    for _ in range(BENCH_STEPS):
-        start = time.perf_counter()
-        training.step(tokens, labels)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    seconds = sorted(times)[BENCH_STEPS // 2]
-    torch.manual_seed(args.seed)  # the same masks, so the same shapes, as timed
-    with flop_counter.FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        for _ in range(BENCH_STEPS):  # attention as matmuls, which torch counts
-            training.step(tokens, labels)
-    peak = bench.matmul_peak_flops(device)
-    achieved = counter.get_total_flops() / BENCH_STEPS / seconds
-    print(f"eMIGM-{args.size}, {model.seq_len} tokens x {model.token_channels} ch, batch "
-          f"{batch_size}, {device}, {torch.get_num_threads()} threads: step "
-          f"{seconds:.3f} s (median of {BENCH_STEPS}), {batch_size / seconds:.1f} "
-          f"images/s, peak memory {sample.peak_memory_gb(device):.2f} GB, "
-          f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of the fp32 matmul "
-          f"peak ({peak / 1e9:.1f} GFLOP/s)")
-
-
 # ---- Command line: argparse types check each flag, check_args them together ----
 def check_args(args, world_size):
     """A copy of args with the defaults that depend on other flags, checked together
@@ -587,7 +546,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.bench:
-            benchmark(args)
+            import bench  # the benchmarks of train.py and sample.py live in bench.py
+            bench.training(args)
         else:
             run(args)
     except (ValueError, FileNotFoundError) as error:
