@@ -225,11 +225,12 @@ def predict_revealed(model, tokens, mask, reveal, class_emb, cfg=1.0, guided=Fal
 
 @torch.no_grad()
 def sample_tokens(model, labels, num_iter=16, cfg=4.0, cfg_schedule="constant", cfg_interval=(0.1, 0.3),
-                  head_sampler="dpm-solver", head_steps=8, temperature=1.0, generator=None):
+                  head_sampler="dpm-solver", head_steps=8, temperature=1.0, generator=None, mask_schedule=None):
     """labels (B,) int64 -> tokens (B, L, C). K = num_iter steps; CFG (scale cfg, schedule cfg_schedule) only on the
     steps whose next time lies in cfg_interval = (t_min, t_max]; `generator` drives all randomness (its device)."""
     B, L, C, dev, f = len(labels), model.seq_len, model.token_channels, labels.device, CFG_SCHEDULES[cfg_schedule]
-    p, guided = reveal_schedule(num_iter, model.mask_schedule)[1], cfg_steps(num_iter, cfg, cfg_interval).tolist()
+    schedule = model.mask_schedule if mask_schedule is None else mask_schedule  # Fig. 3a: another gamma_t at sampling
+    p, guided = reveal_schedule(num_iter, schedule)[1], cfg_steps(num_iter, cfg, cfg_interval).tolist()
     tokens, mask = torch.zeros(B, L, C, device=dev), torch.ones(B, L, dtype=torch.bool, device=dev)  # True: masked
     class_emb = model.class_emb(labels)  # (B, D)
     for k in range(num_iter):
