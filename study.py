@@ -1,29 +1,33 @@
-"""The paper's design space at Fashion-MNIST scale: Fig. 2 (training choices) and Fig. 3 (sampling
-choices) of eMIGM (You et al. 2025, arXiv 2503.07197), rerun on 2 CPU cores.
+"""The paper's design space at Fashion-MNIST scale: Fig. 2 (training choices) and
+Fig. 3 (sampling choices) of eMIGM (You et al. 2025, arXiv 2503.07197) on 2 CPU cores.
 
-    python study.py all                  # every panel, <= 90 minutes on 2 cores (BUDGET below)
-    python study.py fig2d fig3c          # any panels, each runnable alone; a re-run only plots
-    python study.py all --out out/study  # runs/, points.json, figXX.csv, figXX.png, summary.md
+    python study.py all                  # every panel, <= 90 minutes on 2 cores (BUDGET)
+    python study.py fig2d fig3c          # any panels alone; a re-run only plots
+    python study.py all --out out/study  # runs/NAME/, figXX.csv, figXX.png, summary.md
 
-Testbed: Fashion-MNIST as 4x4 pixel patches (49 tokens of 16 values, like KL-16's 16 channels, so
-that K up to 49 means something); the Tiny preset at width 128, 2+2 blocks, a 2x128 head; the CPU
-demo's recipe (train.py's DEMO: lr 1e-3 at batch 64, cosine decay, EMA 0.995, no dropout).
-* Fig. 2a-e: each variant is the eMIGM command of train.py with ONE studied flag changed (same seed,
-  data order and steps). The EMA weights of every numbered checkpoint are sampled with one sampler
-  (K = 16, cfg 3 on every step, 8 DPM-Solver steps) and scored with fid.SmallDataMetric (FD_small:
-  a small CNN's Frechet distance, lower is better, not comparable with Inception FID).
-* Fig. 3a-c: the eMIGM run's last checkpoint, one sampling choice changed, against K or NFE = K x f.
-* Noise: each point is scored with two evaluation seeds, the same two for every variant. The verdict
-  compares the paper's winner with the best other variant (means of the seeds); a gap no larger than
-  the largest two-seed difference among those points is "within noise".
+Testbed: Fashion-MNIST as 4x4 pixel patches (49 tokens of 16 values, like KL-16's 16
+channels, so that K up to 49 means something); the Tiny preset at width 128, 2+2 blocks,
+a 2x128 head; the CPU demo's recipe (train.py's DEMO: lr 1e-3 at batch 64, cosine decay,
+no dropout) with EMA 0.99, as the demo's 0.995 lags in 800 steps (at step 400 its EMA
+scored FD_small 813, the raw weights 212).
+* Fig. 2a-e: each variant is the eMIGM command of train.py with ONE studied flag changed
+  (same seed, data order and steps). The EMA weights of the numbered checkpoints are
+  sampled with one sampler (K = 16, cfg 3 on every step, 8 DPM-Solver steps) and scored
+  with fid.SmallDataMetric (FD_small: a small CNN's Frechet distance, lower is better,
+  not comparable with Inception FID).
+* Fig. 3a-c: the eMIGM run's last checkpoint with one sampling choice changed, against K
+  or NFE = K x f.
+* Noise: each point is scored with two evaluation seeds, the same two for every variant.
+  The verdict compares the paper's winner with the best other variant (means of the
+  seeds); a gap no larger than the largest two-seed difference there is "within noise".
 
-BUDGET, in CPU seconds of one core (train.py's log; the wall time of 2 idle cores is close to half):
-  training: 0.35 s a step (MAE; no MAE 0.42 s), 2 runs at a time on 1 thread each (--jobs 2)
-    8 runs x 800 steps x 0.36 s + 8 x 10 s (start, data, train.py's own final sample) = 2400 s
-  Fig. 2 points: 32 checkpoints x 2 seeds x 400 images x 32 ms (K = 16, cfg on every step) = 820 s
-  Fig. 3 points, per image and seed: 3a 3 schedules x sum(K) = 109 steps x 2 passes x 1 ms = 0.65 s,
-    3b DDPM's 100 head steps ~0.5 s, 3c the interval 0.15 s: 1.3 s x 2 seeds x 300 images = 780 s
-  metric classifier (once, then cached) 60 s; in all ~4000 CPU-s, ~35-45 minutes on 2 idle cores.
+BUDGET (CPU seconds of one core, measured on the shared 2-core machine):
+  training: 0.47 s a step (1 thread; no MAE ~20% more), 2 runs at a time (--jobs 2):
+    8 runs x (800 x 0.47 s + 20 s start and train.py's final sample) = 3200 s
+  Fig. 2: 24 checkpoints x 2 seeds x 400 images x 46 ms (K = 16, cfg every step) = 880 s
+  Fig. 3, an image and seed: 3a 3 x (4 + 8 + 16 + 32 + 49) steps x 2.8 ms = 0.9 s, 3b
+    DDPM's 100 head steps 0.45 s + 0.3 s, 3c 0.15 s: 1.8 s x 2 seeds x 300 = 1080 s
+  sampling runs on 2 threads (1.7x); metric classifier once 60 s: ~50 minutes in all.
 """
 import argparse
 import csv
@@ -34,7 +38,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,18 +51,22 @@ import tokenizer
 
 HERE = Path(__file__).resolve().parent
 EVAL_SEEDS = (0, 1)  # two evaluation seeds: their difference is the noise of a point
-EVAL_BATCH = 250  # images per sampling batch; batch j is seeded with sample.batch_seed(seed, j)
+EVAL_BATCH = 250  # images per sampling batch; batch j seeded with sample.batch_seed(seed, j)
 NO_MATPLOTLIB = "the plots need matplotlib (an optional extra): pip install matplotlib"
-CSV_FIELDS = ["panel", "variant", "run", "step", "K", "nfe", "seed", "frechet", "accuracy"]
+CSV_TYPES = dict(panel=str, variant=str, run=str, step=int, K=int, nfe=float, seed=int,
+                 frechet=float, accuracy=float)  # the columns of figXX.csv
 
-# Model flags, batch, steps, checkpoint interval, train.py's own final sample, images per seed
-# (Fig. 2, Fig. 3) and the K of Fig. 3. `micro` is the tests': it runs every panel, meaning nothing.
+# Model flags, batch, steps, checkpoint interval, the checkpoints scored in Fig. 2 (at step
+# 200 the EMA still holds 0.99^200 = 13% of the initial weights), train.py's own final
+# sample, images per seed (Fig. 2, Fig. 3), the K of Fig. 3. `micro` is the tests' testbed:
+# it runs every panel, its numbers mean nothing.
 TESTBEDS = {
     "full": dict(model="--width 128 --depth 2 --num-heads 4 --head-depth 2 --head-width 128",
-                 batch=64, steps=800, ckpt_every=200, train_eval=100, samples=(400, 300),
-                 ks=(4, 8, 16, 32, 49)),
+                 batch=64, steps=800, ckpt_every=200, scored=(400, 600, 800), train_eval=100,
+                 samples=(400, 300), ks=(4, 8, 16, 32, 49)),
     "micro": dict(model="--width 32 --depth 1 --num-heads 2 --head-depth 1 --head-width 32",
-                  batch=8, steps=2, ckpt_every=1, train_eval=10, samples=(20, 20), ks=(4, 8)),
+                  batch=8, steps=2, ckpt_every=1, scored=(1, 2), train_eval=10, samples=(20, 20),
+                  ks=(4, 8)),
 }
 
 # Fig. 2: one train.py flag per panel. `winner` is eMIGM's choice (the paper's finding); each run
@@ -66,7 +74,8 @@ TESTBEDS = {
 FIG2 = {
     "fig2a": dict(title="Fig. 2a: mask schedule", winner="exp",
                   paper="exp best (exp < cosine < linear in FID)",
-                  variants={"linear": "--mask-schedule linear", "cosine": "--mask-schedule cosine",
+                  variants={"linear": "--mask-schedule linear",
+                            "cosine": "--mask-schedule cosine",
                             "exp": "--mask-schedule exp"}),
     "fig2b": dict(title="Fig. 2b: loss weighting w(t)", winner="constant",
                   paper="w(t) = 1 better than MDM's weighting",
@@ -82,7 +91,7 @@ FIG2 = {
                   variants={"with-mask": "--cfg-with-mask", "own-token": "--no-cfg-with-mask"}),
 }
 
-# The sampler of every point (the CPU demo's: cfg 3 on every step); Fig. 3 changes one choice and K.
+# The sampler of every point (the CPU demo's, cfg 3 on every step); Fig. 3 changes one choice.
 SAMPLER = dict(num_iter=16, cfg=3.0, cfg_schedule="constant", cfg_interval=(0.0, 1.0),
                head_sampler="dpm-solver", head_steps=8, temperature=1.0, mask_schedule="exp")
 FIG3 = {
@@ -110,20 +119,20 @@ class Study:
     data_path: str  # the Fashion-MNIST IDX folder; None: the system's
     metric_cache: str  # fid.SmallDataMetric's classifier
     jobs: int  # train.py processes at a time
-    points: dict  # every scored point, also in out/points.json
+    points: dict = field(default_factory=dict)  # run -> its points (runs/NAME/points.json)
     metric: object = None  # fid.SmallDataMetric, built for the first point scored
 
 
-# ---- Fig. 2: the runs, through train.py's own command line ----------------------------------
+# ---- Fig. 2: the runs, through train.py's own command line
 def train_command(study, panel=None, variant=None):
     """train.py's flags for `variant` of `panel` (None: the eMIGM run), eMIGM's choice elsewhere.
     No --results-dir: the command is exactly what the variants of a panel share."""
     testbed = study.testbed
     every = testbed["ckpt_every"]
     command = f"--dataset fashion-mnist --size Tiny --patch 4 {testbed['model']} --buffer-size 4"
-    # the CPU demo's recipe (train.py's DEMO) at 4x4 patches, one seed and step budget for all
+    # the CPU demo's recipe (train.py's DEMO) at 4x4 patches, EMA 0.99 for 800 steps; one seed
     command += f" --dropout 0 --diffusion-batch-mul 4 --global-batch-size {testbed['batch']}"
-    command += " --blr 4e-3 --warmup-epochs 0.05 --lr-schedule cosine --ema-decay 0.995 --seed 1"
+    command += " --blr 4e-3 --warmup-epochs 0.05 --lr-schedule cosine --ema-decay 0.99 --seed 1"
     command += f" --max-steps {testbed['steps']} --ckpt-every {every} --save-every {every}"
     # train.py's own final sample (a grid and its metric) with the study's sampler
     command += f" --log-every {every} --sample-every 0 --eval-samples {testbed['train_eval']}"
@@ -141,7 +150,7 @@ def train_command(study, panel=None, variant=None):
 
 
 def run_name(panel, variant):
-    """'emigm' for the run of all eMIGM choices (shared by all panels), else e.g. 'fig2a-linear'."""
+    """'emigm' for the run of all eMIGM choices (shared by all panels), else 'fig2a-linear'."""
     if variant == FIG2[panel]["winner"]:
         return "emigm"
     return f"{panel}-{variant}"
@@ -190,9 +199,9 @@ def train_all(study, runs):
         pool.shutdown(cancel_futures=True)
 
 
-# ---- Scoring: EMA samples of a checkpoint, FD_small and accuracy, cached per point ------------
+# ---- Scoring: EMA samples of a checkpoint, FD_small and accuracy, cached per point
 def score(model, metric, sampler_kwargs, samples, seed, device):
-    """FD_small and accuracy of `samples` class-balanced samples (batch j: batch_seed(seed, j))."""
+    """FD_small and accuracy of `samples` class-balanced samples, batch j seeded (seed, j)."""
     tok = tokenizer.PixelTokenizer(patch=4, img_size=28, in_channels=1)
     labels = torch.arange(samples) % model.num_classes
     batches = []
@@ -200,39 +209,44 @@ def score(model, metric, sampler_kwargs, samples, seed, device):
         seed_j = sample.batch_seed(seed, j)
         batches.append(sample.generate(model, tok, rows, sampler_kwargs, seed_j, device))
     images = np.concatenate(batches)  # (N, 28, 28, 3) uint8, grey repeated
-    return metric.evaluate(images[..., 0], labels.numpy())
+    return metric.evaluate(images[..., 0], labels.numpy())  # {'frechet', 'accuracy'}
 
 
-def point(study, checkpoint, sampler_kwargs, samples, seed):
-    """One point (checkpoint, sampler, number of images, seed), scored once."""
-    key = dict(checkpoint=checkpoint, sampler=sampler_kwargs, samples=samples, seed=seed)
-    key = json.dumps(key, sort_keys=True)
-    if key in study.points:
-        return study.points[key]
+def point(study, run, step, sampler_kwargs, samples, seed):
+    """One point (run, checkpoint step, sampler, number of images, seed), scored once. A run's
+    points live in its folder (runs/NAME/points.json): a deleted run takes its points along."""
+    path = study.out / "runs" / run / "points.json"
+    if run not in study.points:
+        study.points[run] = {}
+        if path.exists():
+            study.points[run] = json.loads(path.read_text())
+    points = study.points[run]
+    key = json.dumps(dict(step=step, sampler=sampler_kwargs, samples=samples, seed=seed),
+                     sort_keys=True)
+    if key in points:
+        return points[key]
     if study.metric is None:  # the train split; its classifier is trained once, then cached
         images, labels = tokenizer.load_fashion_mnist("train", study.data_path)
         study.metric = fid.SmallDataMetric(images.numpy(), labels.numpy(), study.metric_cache)
     start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the EMA weights, in a model rebuilt from the checkpoint's config
-    ckpt = emigm.load_checkpoint(study.out / checkpoint)
+    ckpt = emigm.load_checkpoint(study.out / "runs" / run / f"ckpt_{step:07d}.pt")
     model = emigm.EMIGM(**ckpt["config"])
     emigm.load_weights(model, ckpt, ema=True)
     model = model.to(device).eval()
     result = score(model, study.metric, sampler_kwargs, samples, seed, device)
-    study.points[key] = dict(frechet=result["frechet"], accuracy=result["accuracy"])
-    kw = sampler_kwargs
-    print(f"  {checkpoint}, K {kw['num_iter']} {kw['mask_schedule']} {kw['head_sampler']} "
-          f"CFG on {kw['cfg_interval']}, seed {seed}: FD_small {result['frechet']:.2f}, "
-          f"accuracy {result['accuracy']:.3f} ({time.time() - start:.0f} s)", flush=True)
+    points[key] = dict(frechet=result["frechet"], accuracy=result["accuracy"])
+    print(f"  {run} step {step}, {sampler_kwargs}, seed {seed}: "
+          f"FD_small {result['frechet']:.2f}, accuracy {result['accuracy']:.3f} "
+          f"({time.time() - start:.0f} s)", flush=True)
     # written after every point, so that a stopped study loses one point at most
-    path = study.out / "points.json"
-    path.with_suffix(".tmp").write_text(json.dumps(study.points, indent=0))
+    path.with_suffix(".tmp").write_text(json.dumps(points, indent=0))
     os.replace(path.with_suffix(".tmp"), path)
-    return study.points[key]
+    return points[key]
 
 
-# ---- The panels ------------------------------------------------------------------------------
+# ---- The panels
 def panel_rows(study, panel):
     """Every point of a panel, both seeds. Fig. 2: each numbered checkpoint of each variant, one
     sampler; Fig. 3: the eMIGM run's last checkpoint, each variant's sampler at each K."""
@@ -242,7 +256,7 @@ def panel_rows(study, panel):
     if panel in FIG2:
         for variant in FIG2[panel]["variants"]:
             name = run_name(panel, variant)
-            for step in range(testbed["ckpt_every"], steps + 1, testbed["ckpt_every"]):
+            for step in testbed["scored"]:
                 plan.append(dict(variant=variant, run=name, step=step, sampler=SAMPLER,
                                  samples=testbed["samples"][0]))
     else:
@@ -255,11 +269,10 @@ def panel_rows(study, panel):
     for p in plan:
         k = p["sampler"]["num_iter"]
         nfe = k * sample.nfe(k, p["sampler"]["cfg"], p["sampler"]["cfg_interval"])[1]  # K x f
-        checkpoint = f"runs/{p['run']}/ckpt_{p['step']:07d}.pt"
         for seed in EVAL_SEEDS:
-            result = point(study, checkpoint, p["sampler"], p["samples"], seed)
-            rows.append(dict(panel=panel, variant=p["variant"], run=p["run"], step=p["step"], K=k,
-                             nfe=nfe, seed=seed, **result))
+            result = point(study, p["run"], p["step"], p["sampler"], p["samples"], seed)
+            rows.append(dict(panel=panel, variant=p["variant"], run=p["run"], step=p["step"],
+                             K=k, nfe=nfe, seed=seed, **result))
     return rows
 
 
@@ -278,7 +291,8 @@ def verdict(panel, rows):
     means = {}
     spread = 0.0
     for variant in spec["variants"]:
-        values = [row["frechet"] for row in rows if row["variant"] == variant and row[where] == at]
+        ours = [row for row in rows if row["variant"] == variant and row[where] == at]
+        values = [row["frechet"] for row in ours]
         means[variant] = float(np.mean(values))
         spread = max(spread, max(values) - min(values))
     winner = spec["winner"]
@@ -291,16 +305,11 @@ def verdict(panel, rows):
                 verdict=outcome)
 
 
-# ---- Outputs: a CSV and a plot per panel, one summary of all -----------------------------------
+# ---- Outputs: a CSV and a plot per panel, one summary of all
 def read_csv(path):
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    for row in rows:
-        for name in ("step", "K", "seed"):
-            row[name] = int(row[name])
-        for name in ("nfe", "frechet", "accuracy"):
-            row[name] = float(row[name])
-    return rows
+    return [{name: CSV_TYPES[name](value) for name, value in row.items()} for row in rows]
 
 
 def plot_panel(panel, rows, path):
@@ -338,7 +347,7 @@ def plot_panel(panel, rows, path):
 
 
 def write_summary(out):
-    """out/summary.md: a row for each panel with a CSV in `out`: the paper, ours, the verdict."""
+    """out/summary.md: a row per panel with a CSV in `out`: the paper, ours, the verdict."""
     lines = ["| panel | the paper | ours (FD_small, mean of 2 seeds) | gap (spread) | verdict |",
              "|---|---|---|---|---|"]
     for panel in PANELS:
@@ -353,7 +362,7 @@ def write_summary(out):
     return table
 
 
-# ---- Command line -------------------------------------------------------------------------------
+# ---- Command line
 def check_writable(out):
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -377,11 +386,8 @@ def run(args):
                                 f"pass the folder of the Fashion-MNIST IDX files")
     out = Path(args.out)
     check_writable(out)
-    points = {}
-    if (out / "points.json").exists():
-        points = json.loads((out / "points.json").read_text())
     testbed = TESTBEDS["micro" if args.micro else "full"]
-    study = Study(out, testbed, args.data_path, args.metric_cache, args.jobs, points)
+    study = Study(out, testbed, args.data_path, args.metric_cache, args.jobs)
     # the runs of all the panels first (a run shared by panels once), then each panel's points
     runs = {"emigm": train_command(study)}
     for panel in panels:
@@ -393,7 +399,7 @@ def run(args):
         start = time.time()
         rows = panel_rows(study, panel)
         with open(out / f"{panel}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer = csv.DictWriter(f, fieldnames=list(CSV_TYPES))
             writer.writeheader()
             writer.writerows(rows)
         plot_panel(panel, rows, out / f"{panel}.png")
@@ -405,7 +411,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="study.py", description=__doc__.splitlines()[0])
     parser.add_argument("panels", nargs="+", metavar="PANEL", choices=[*PANELS, "all"],
                         help="fig2a ... fig2e, fig3a ... fig3c, or all")
-    parser.add_argument("--out", default="out/study", help="results folder (runs, points cached)")
+    parser.add_argument("--out", default="out/study", help="results (runs, points: cached)")
     parser.add_argument("--micro", action="store_true", help="the tests' tiny testbed")
     parser.add_argument("--jobs", type=sample.positive_int, default=2,
                         help="train.py processes at a time, sharing the threads (2 cores: 2)")
