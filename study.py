@@ -13,7 +13,7 @@ scored FD_small 813, the raw weights 212).
 * Fig. 2a-e: each variant is the eMIGM command of train.py with ONE studied flag changed
   (same seed, data order and steps). The EMA weights of the numbered checkpoints are
   sampled with one sampler (K = 16, cfg 3 on every step, 8 DPM-Solver steps) and scored
-  with fid.SmallDataMetric (FD_small: a small CNN's Frechet distance, lower is better,
+  with small_metric.SmallDataMetric (FD_small: a small CNN's Frechet distance, lower is better,
   not comparable with Inception FID).
 * Fig. 3a-c: the eMIGM run's last checkpoint with one sampling choice changed, against K
   or NFE = K x f.
@@ -45,8 +45,8 @@ import numpy as np
 import torch
 
 import emigm
-import fid
 import sample
+import small_metric
 import tokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -117,10 +117,10 @@ class Study:
     out: Path  # the results folder
     testbed: dict  # one of TESTBEDS
     data_path: str  # the Fashion-MNIST IDX folder; None: the system's
-    metric_cache: str  # fid.SmallDataMetric's classifier
+    metric_cache: str  # small_metric.SmallDataMetric's classifier
     jobs: int  # train.py processes at a time
     points: dict = field(default_factory=dict)  # run -> its points (runs/NAME/points.json)
-    metric: object = None  # fid.SmallDataMetric, built for the first point scored
+    metric: object = None  # small_metric.SmallDataMetric, built for the first point scored
 
 
 # ---- Fig. 2: the runs, through train.py's own command line
@@ -227,7 +227,7 @@ def point(study, run, step, sampler_kwargs, samples, seed):
         return points[key]
     if study.metric is None:  # the train split; its classifier is trained once, then cached
         images, labels = tokenizer.load_fashion_mnist("train", study.data_path)
-        study.metric = fid.SmallDataMetric(images.numpy(), labels.numpy(), study.metric_cache)
+        study.metric = small_metric.SmallDataMetric(images.numpy(), labels.numpy(), study.metric_cache)
     start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the EMA weights, in a model rebuilt from the checkpoint's config
@@ -417,7 +417,7 @@ def build_parser():
                         help="train.py processes at a time, sharing the threads (2 cores: 2)")
     parser.add_argument("--data-path", help="Fashion-MNIST IDX folder (default: the system's)")
     parser.add_argument("--metric-cache", default=str(sample.METRIC_CACHE),
-                        help="fid.SmallDataMetric's classifier (trained once)")
+                        help="small_metric.SmallDataMetric's classifier (trained once)")
     return parser
 
 
