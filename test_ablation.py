@@ -16,8 +16,8 @@ import torch
 
 import emigm
 import sample
-# the fixtures one_thread and restore_global_state (autouse) apply here too
-from test_emigm import DTYPES, TOL, VB_TOL, one_line, one_thread, rel_err, restore_global_state  # noqa
+# test_emigm's fixture one_thread applies here too (conftest.py restores the global state)
+from test_emigm import DTYPES, TOL, VB_TOL, one_line, one_thread, rel_err  # noqa
 
 HERE = Path(__file__).parent
 # the file records the torch version it was made with

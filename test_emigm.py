@@ -38,16 +38,6 @@ VB_TOL = {torch.float32: 5e-5, torch.float64: 2e-5}
 DTYPES = [torch.float32, torch.float64]
 
 
-@pytest.fixture(autouse=True)
-def restore_global_state():
-    """No test leaves its thread count, default dtype or global RNG state to the next."""
-    threads = torch.get_num_threads()
-    dtype = torch.get_default_dtype()
-    rng = torch.get_rng_state()
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
-    torch.set_rng_state(rng)
 
 
 @pytest.fixture

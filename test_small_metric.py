@@ -13,19 +13,10 @@ import small_metric
 
 
 @pytest.fixture(autouse=True)
-def global_state():
-    """One thread inside each test (on a shared, busy machine several times faster here), and the
-    thread count, default dtype and global RNGs given back as they were."""
-    threads = torch.get_num_threads()
-    dtype = torch.get_default_dtype()
-    torch_rng = torch.random.get_rng_state()
-    numpy_rng = np.random.get_state()
+def one_thread():
+    """One thread inside each test: on a shared, busy machine several times faster here
+    (conftest.py restores the count after)."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
-    torch.random.set_rng_state(torch_rng)
-    np.random.set_state(numpy_rng)
 
 
 def synthetic_digits(n, rng):

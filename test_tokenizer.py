@@ -59,17 +59,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def restore_global_state():
-    """No test leaves the thread count, the default dtype or the global RNG changed for
-    the tests after it."""
-    threads = torch.get_num_threads()
-    dtype = torch.get_default_dtype()
-    rng = torch.get_rng_state()
-    yield
-    torch.set_num_threads(threads)
-    torch.set_default_dtype(dtype)
-    torch.set_rng_state(rng)
 
 
 @pytest.fixture(scope="module")

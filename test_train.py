@@ -31,14 +31,10 @@ TINY_MODEL = dict(width=32, depth=1, num_heads=2, head_depth=1, head_width=32, b
 
 
 @pytest.fixture(autouse=True)
-def torch_state():
-    """One thread for speed, and the thread count and global RNG restored for the tests after."""
-    threads = torch.get_num_threads()
-    rng = torch.get_rng_state()
+def one_thread():
+    """One thread inside each test: tiny models on a shared machine
+    (conftest.py restores the count after)."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.set_rng_state(rng)
 
 
 def run(out, *flags):
