@@ -604,6 +604,12 @@ def test_fashion_mnist_sources(tmp_path, monkeypatch):
     with pytest.raises(ValueError) as e:
         T.load_fashion_mnist("valid")
     one_line(e)
+    # a folder given is the only one looked at: an empty one does not fall back to the cache
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(T, "FASHION_MNIST_URL", (tmp_path / "nowhere").as_uri() + "/")
+    with pytest.raises(FileNotFoundError) as e:
+        T.load_fashion_mnist("train", tmp_path / "empty")
+    assert "empty" in one_line(e)
 
 
 DEBIAN_FASHION = Path(T.FASHION_MNIST_DIRS[0])

@@ -393,9 +393,10 @@ def load_fashion_mnist(split="train", path=None):
         raise ValueError(f"Fashion-MNIST split {split!r}: choose 'train' or 'test'")
     prefix = FASHION_MNIST_PREFIX[split]
     names = {"images": f"{prefix}-images-idx3-ubyte", "labels": f"{prefix}-labels-idx1-ubyte"}
+    # a path given is the only place looked at (a wrong one must not fall back to another copy)
     folders = [Path(folder) for folder in FASHION_MNIST_DIRS] + [FASHION_MNIST_CACHE]
     if path is not None:
-        folders.insert(0, Path(path))
+        folders = [Path(path)]
     # raw or .gz (as Debian ships them), from the first folder that has them
     files = [{k: d / (name + ext) for k, name in names.items()} for d in folders for ext in ("", ".gz")]
     found = [f for f in files if all(file.is_file() for file in f.values())]
