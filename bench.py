@@ -13,6 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import flop_counter
 
+import cli
 import emigm
 import sample
 import train
@@ -37,7 +38,7 @@ def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
 def training(args):
     """train.py --bench: the training loop's own step (forward, backward, clipping, AdamW, EMA) of
     --size on random tokens, timed (median of BENCH_STEPS), and its FLOPs counted by torch."""
-    device = sample.setup_distributed().device
+    device = cli.setup_distributed().device
     torch.manual_seed(args.seed)
     lr = 1e-4 if args.lr is None else args.lr
     batch_size = 8 if args.global_batch_size is None else args.global_batch_size
@@ -66,7 +67,7 @@ def training(args):
     print(f"eMIGM-{args.size}, {model.seq_len} tokens x {model.token_channels} ch, batch "
           f"{batch_size}, {device}, {torch.get_num_threads()} threads: step "
           f"{seconds:.3f} s (median of {BENCH_STEPS}), {batch_size / seconds:.1f} "
-          f"images/s, peak memory {sample.peak_memory_gb(device):.2f} GB, "
+          f"images/s, peak memory {cli.peak_memory_gb(device):.2f} GB, "
           f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of the fp32 matmul "
           f"peak ({peak / 1e9:.1f} GFLOP/s)")
 
@@ -123,7 +124,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     sampler = commands.add_parser("sample", help="the sampler of sample.py, XS at 256 px")
     sampler.add_argument("--bench-k", type=int, nargs="+", default=[16, 128], choices=[16, 128])
-    sampler.add_argument("--bench-batches", type=sample.positive_int, nargs="+", default=[1, 16, 64])
+    sampler.add_argument("--bench-batches", type=cli.positive_int, nargs="+", default=[1, 16, 64])
     commands.add_parser("train", help="a training step of train.py: the flags of train.py --bench",
                         add_help=False)
     args, rest = parser.parse_known_args(argv)

@@ -11,7 +11,6 @@ one draw picks every row's tokens; DDPM with CFG draws the conditional half's no
 import argparse
 import math
 import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 import emigm
+from cli import batch_seed, guidance_scale, nonnegative_int, peak_memory_gb, positive_float
+from cli import positive_int, setup_distributed, unit_interval
 
 SAMPLER_EPS = 1e-5  # the sampler's last time (training uses emigm.TRAIN_T_EPS)
 LAMBDA_CLIP = -5.1  # DPM-Solver drops the last steps with logSNR / 2 below this (4 of 1000)
@@ -405,80 +406,6 @@ def bulk(model, tok, sampler_kwargs, num_images, out, seed, batch_size, rank, wo
         print(metric.label, metric.evaluate(arr[..., 0], labels.numpy()))
     elif fid_ref is not None:
         print(fid.compute_metrics(arr, fid_ref, model=inception))
-
-# ==== Run helpers of train.py too (tokenizer.py keeps an identical setup_distributed) ====
-@dataclass
-class Distributed:
-    rank: int
-    world_size: int
-    device: torch.device
-
-def setup_distributed():
-    """DiT's set-up, made optional: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is one process."""
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the GPU of this process on its node (not the global rank)
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
-    return Distributed(rank, world_size, device)
-
-def batch_seed(seed, index):
-    """A 32-bit hash of (seed, index): a CPU generator keeps only 32 bits of its seed."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-def peak_memory_gb(device):
-    """Peak memory of this process: allocated on the GPU, or the peak RSS on CPU (Linux: KiB)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-# ---- Command-line value types (train.py's too): a bad value exits 2 with one line; None: default
-def positive_int(text):
-    """A count: steps, K, batch sizes, images."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a count: pass an integer >= 1")
-    return value
-
-def nonnegative_int(text):
-    """A seed, or an interval where 0 means never."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative: pass an integer >= 0")
-    return value
-
-def positive_float(text):
-    """A learning rate or a temperature."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not > 0: pass a positive number")
-    return value
-
-def nonnegative_float(text):
-    """A weight decay or a gradient-clipping norm."""
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative: pass a number >= 0")
-    return value
-
-def unit_interval(text):
-    """A probability, a decay or a time in [0, 1]."""
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]: pass a number from 0 to 1")
-    return value
-
-def guidance_scale(text):
-    """A CFG scale: 1 is no guidance."""
-    value = float(text)
-    if not value >= 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1: pass a scale >= 1 (1 = no guidance)")
-    return value
 
 # ==== Command line: a grid for eyes, an ADM .npz for FID (the same bytes on any process count)
 def check_flags(args):

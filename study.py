@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cli
 import emigm
 import sample
 import small_metric
@@ -51,7 +52,7 @@ import tokenizer
 
 HERE = Path(__file__).resolve().parent
 EVAL_SEEDS = (0, 1)  # two evaluation seeds: their difference is the noise of a point
-EVAL_BATCH = 250  # images per sampling batch; batch j seeded with sample.batch_seed(seed, j)
+EVAL_BATCH = 250  # images per sampling batch; batch j seeded with cli.batch_seed(seed, j)
 NO_MATPLOTLIB = "the plots need matplotlib (an optional extra): pip install matplotlib"
 CSV_TYPES = dict(panel=str, variant=str, run=str, step=int, K=int, nfe=float, seed=int,
                  frechet=float, accuracy=float)  # the columns of figXX.csv
@@ -206,7 +207,7 @@ def score(model, metric, sampler_kwargs, samples, seed, device):
     labels = torch.arange(samples) % model.num_classes
     batches = []
     for j, rows in enumerate(labels.split(EVAL_BATCH)):
-        seed_j = sample.batch_seed(seed, j)
+        seed_j = cli.batch_seed(seed, j)
         batches.append(sample.generate(model, tok, rows, sampler_kwargs, seed_j, device))
     images = np.concatenate(batches)  # (N, 28, 28, 3) uint8, grey repeated
     return metric.evaluate(images[..., 0], labels.numpy())  # {'frechet', 'accuracy'}
@@ -413,7 +414,7 @@ def build_parser():
                         help="fig2a ... fig2e, fig3a ... fig3c, or all")
     parser.add_argument("--out", default="out/study", help="results (runs, points: cached)")
     parser.add_argument("--micro", action="store_true", help="the tests' tiny testbed")
-    parser.add_argument("--jobs", type=sample.positive_int, default=2,
+    parser.add_argument("--jobs", type=cli.positive_int, default=2,
                         help="train.py processes at a time, sharing the threads (2 cores: 2)")
     parser.add_argument("--data-path", help="Fashion-MNIST IDX folder (default: the system's)")
     parser.add_argument("--metric-cache", default=str(sample.METRIC_CACHE),

@@ -19,6 +19,7 @@ import pytest
 import torch
 from scipy.stats import binom
 
+import cli
 import emigm
 import sample
 
@@ -487,8 +488,8 @@ def test_ema_by_default(tiny, tmp_path):
 def test_seeds_give_different_samples_on_cpu(tiny, tmp_path):
     """--seed must change the noise on CPU, whose generator keeps only 32 bits of a seed: (seed <<
     32) + j did not."""
-    assert len({sample.batch_seed(seed, j) for seed in range(4) for j in range(4)}) == 16
-    assert all(0 <= sample.batch_seed(seed, 0) < 2**32 for seed in (0, 1, 2**40))
+    assert len({cli.batch_seed(seed, j) for seed in range(4) for j in range(4)}) == 16
+    assert all(0 <= cli.batch_seed(seed, 0) < 2**32 for seed in (0, 1, 2**40))
     save_tiny(tiny, tmp_path / "tiny.pt")
     grids = []
     for seed in (0, 1, 0):

@@ -517,7 +517,7 @@ class CachedLatents(torch.utils.data.Dataset):
         return patchify(x * self.scale)[0], self.shards[s]["labels"][j].long()  # (L, C), ()
 
 
-# ---- Command line. A leaf file: the value types and DDP set-up are copies of sample.py's
+# ---- Command line. A leaf file: the value types and DDP set-up are copies of cli.py's
 def positive_int(text):
     """A count: steps, K, batch sizes, images."""
     value = int(text)

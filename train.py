@@ -31,12 +31,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+import cli
 import emigm
 import sample
 import small_metric
 import tokenizer
-from sample import guidance_scale, nonnegative_float, nonnegative_int, positive_float, positive_int
-from sample import unit_interval
+from cli import guidance_scale, nonnegative_float, nonnegative_int, positive_float, positive_int
+from cli import unit_interval
 
 # The official batch per GPU (the scripts' --batch_size, on 32 GPUs).
 BATCH_PER_GPU = {"XS": 32, "S": 32, "B": 64, "L": 64, "H": 64, "Tiny": 64}
@@ -202,7 +203,7 @@ def evaluate(ema, tok, sampler_kwargs, grid_path, seed, per_class=8, metric=None
     labels = torch.arange(num_samples) % ema.num_classes  # balanced classes
     batches = []
     for j, batch_labels in enumerate(labels.split(EVAL_BATCH)):
-        batch_seed = sample.batch_seed(seed, j)
+        batch_seed = cli.batch_seed(seed, j)
         batches.append(sample.generate(ema, tok, batch_labels, sampler_kwargs, batch_seed, device))
     images = np.concatenate(batches)  # (N, H, W, 3) uint8
     result.update(metric.evaluate(images[..., 0], labels.numpy()))
@@ -294,7 +295,7 @@ def log_progress(sums, seconds, step, epoch, lr, args, ddp, logger):
         dist.all_reduce(sums)
     loss, grad_norm, steps = (sums.cpu() / ddp.world_size).tolist()
     row = [step, epoch, loss / steps, lr, grad_norm / steps,
-           steps * args.global_batch_size / seconds, sample.peak_memory_gb(ddp.device),
+           steps * args.global_batch_size / seconds, cli.peak_memory_gb(ddp.device),
            time.process_time()]
     logger.info("step {} epoch {:.2f} loss {:.4f} lr {:.3g} grad norm {:.3f} {:.1f} img/s "
                 "peak mem {:.2f} GB cpu {:.0f} s".format(*row))
@@ -366,7 +367,7 @@ def run(args):
         checkpoint = read_resume(args.resume, config)
 
     # Setup DDP:
-    ddp = sample.setup_distributed()
+    ddp = cli.setup_distributed()
 
     # Create model: the same initial weights on every rank, whatever the world size
     torch.manual_seed(args.seed)

@@ -1,0 +1,86 @@
+"""Command-line helpers shared by sample.py, train.py, study.py and inpaint.py: the DDP set-up
+(DiT's, made optional), per-batch seeds, peak memory, and the argparse value types that check
+each flag (a bad value exits with status 2 and one line). A leaf: it imports no project file;
+tokenizer.py and fid.py, leaves too, keep copies of the two they need."""
+import argparse
+import os
+import resource
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ==== Run helpers: processes, seeds, memory (tokenizer.py keeps an identical setup_distributed) ====
+@dataclass
+class Distributed:
+    rank: int
+    world_size: int
+    device: torch.device
+
+def setup_distributed():
+    """DiT's set-up, made optional: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is one process."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the GPU of this process on its node (not the global rank)
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    return Distributed(rank, world_size, device)
+
+def batch_seed(seed, index):
+    """A 32-bit hash of (seed, index): a CPU generator keeps only 32 bits of its seed."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+def peak_memory_gb(device):
+    """Peak memory of this process: allocated on the GPU, or the peak RSS on CPU (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+# ==== Command-line value types: a bad value exits 2 with one line; None means the default ====
+def positive_int(text):
+    """A count: steps, K, batch sizes, images."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count: pass an integer >= 1")
+    return value
+
+def nonnegative_int(text):
+    """A seed, or an interval where 0 means never."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: pass an integer >= 0")
+    return value
+
+def positive_float(text):
+    """A learning rate or a temperature."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not > 0: pass a positive number")
+    return value
+
+def nonnegative_float(text):
+    """A weight decay or a gradient-clipping norm."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative: pass a number >= 0")
+    return value
+
+def unit_interval(text):
+    """A probability, a decay or a time in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]: pass a number from 0 to 1")
+    return value
+
+def guidance_scale(text):
+    """A CFG scale: 1 is no guidance."""
+    value = float(text)
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1: pass a scale >= 1 (1 = no guidance)")
+    return value
