@@ -3,9 +3,11 @@ code (ML-GSAI/eMIGM at de78623): K steps on t = linspace(1, 1e-5, K + 1); step t
 1 - gamma_s / gamma_t of the masked tokens, which the head samples (DPM-Solver++ or MAR's DDPM);
 CFG (Fig. 2e) iff s is in (t_min, t_max] (Fig. 3c): NFE = K x f. Deviations, same distribution:
 one draw picks every row's tokens; DDPM with CFG draws the conditional half's noise only.
+labels=None: the fake class embedding, no CFG; inpainting starts from `known` tokens (inpaint.py).
 
   python sample.py --ckpt PATH --nfe 16      # grid PNG, one row per class
   torchrun --nproc_per_node 8 sample.py --ckpt PATH --nfe 128 --num-images 50000 --out DIR
+  python sample.py --ckpt PATH --inpaint fashion-mnist --region bottom  # or --unconditional
   python sample.py --bench                   # speed, random weights
 """
 import argparse
@@ -32,12 +34,26 @@ METRIC_CACHE = Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"  # smal
 CFG_SCHEDULES = ("constant", "linear", "power", "cubic", "exp", "cosine")  # see cfg_scale
 
 # ==== 1. The reveal schedule (Sec. 3; the mask schedule gamma_t of Fig. 3a) ====
-def reveal_schedule(num_iter, schedule="exp"):
-    """Times 1 = t_0 > ... > t_K = 1e-5 (K + 1,); step t -> s reveals 1 - gamma_s / gamma_t."""
-    times = torch.linspace(1, SAMPLER_EPS, num_iter + 1)  # float32, as the official code
+def reveal_schedule(num_iter, schedule="exp", t0=1.0):
+    """Times t0 = t_0 > ... > t_K = 1e-5 (K + 1,); step t -> s reveals 1 - gamma_s / gamma_t."""
+    times = torch.linspace(t0, SAMPLER_EPS, num_iter + 1)  # float32, as the official code
     share = 1 - emigm.mask_ratio(times[1:], schedule) / emigm.mask_ratio(times[:-1], schedule)
     share[-1] = 1.0  # the last step reveals everything
     return times, share
+
+def start_time(share, schedule="exp"):
+    """Inpainting's first time t0, gamma_t0 = share (Table 4 inverted); 1 if share >= gamma_1."""
+    if share >= emigm.mask_ratio(1.0, schedule).item():
+        return 1.0
+    if schedule == "linear":
+        return share
+    if schedule == "cosine":
+        return 1 - 2 / math.pi * math.acos(share)
+    if schedule == "exp":
+        return -math.log1p(-share) / 5
+    if schedule == "log":
+        return math.expm1(5 * share) / (math.exp(5.0) - 1)
+    return share ** 2  # poly-0.5
 
 def draw(fn, shape, generator, device):  # torch.rand or randn from `generator`, on its device
     if generator is None:
@@ -56,10 +72,10 @@ def choose_reveal(mask, share, generator=None):
     return torch.zeros_like(mask).scatter_(1, chosen, True)
 
 # ==== 2. Classifier-free guidance on a time interval, and NFE (Fig. 3c, Table 2) ====
-def cfg_steps(num_iter, cfg, cfg_interval):
+def cfg_steps(num_iter, cfg, cfg_interval, t0=1.0):
     """(K,) bool: the steps with the unconditional branch: cfg != 1 and t_min < s <= t_max."""
     t_min, t_max = cfg_interval
-    s = reveal_schedule(num_iter)[0][1:]  # (K,)
+    s = reveal_schedule(num_iter, t0=t0)[0][1:]  # (K,)
     return (s > t_min) & (s <= t_max) & (cfg != 1.0)
 
 def cfg_scale(cfg, cfg_schedule, u):
@@ -68,9 +84,9 @@ def cfg_scale(cfg, cfg_schedule, u):
              cosine=math.cos(math.pi / 2 * (1 - u)))
     return 1 + (cfg - 1) * f[cfg_schedule]
 
-def nfe(num_iter, cfg, cfg_interval):
+def nfe(num_iter, cfg, cfg_interval, t0=1.0):
     """Transformer passes per image, NFE = K x f, as (K, f): f = 1 + the share of CFG steps."""
-    return num_iter, 1 + cfg_steps(num_iter, cfg, cfg_interval).float().mean().item()
+    return num_iter, 1 + cfg_steps(num_iter, cfg, cfg_interval, t0).float().mean().item()
 
 # ==== 3a. The head sampler DPM-Solver++ (Lu et al. 2022) as the official code calls it ====
 def interp(x, xp, yp):  # piecewise-linear through (xp, yp), xp increasing, extrapolated
@@ -238,33 +254,57 @@ def predict_revealed(model, tokens, mask, reveal, class_emb, *, cfg=1.0, guided=
                                        generator=generator)  # (n, C)
     return tokens.masked_scatter(reveal[..., None], head.to(tokens.dtype))  # tokens[reveal] = head
 
+@dataclass
+class Known:  # inpainting's given tokens, kept exactly
+    tokens: torch.Tensor  # (B, L, C)
+    mask: torch.Tensor  # (B, L) bool: True where the token is known
+
+def is_unconditional(model):  # trained on the fake class embedding only (labels always dropped)
+    return model.num_classes == 1 and model.label_drop_prob == 1.0
+
 @torch.no_grad()
-def sample_tokens(model, labels, num_iter=16, cfg=4.0, cfg_schedule="constant",
+def sample_tokens(model, labels=None, num_iter=16, cfg=4.0, cfg_schedule="constant",
                   cfg_interval=(0.1, 0.3), head_sampler="dpm-solver", head_steps=8,
-                  temperature=1.0, generator=None, mask_schedule=None):
+                  temperature=1.0, generator=None, mask_schedule=None, *, num_images=None,
+                  known=None):
     """labels (B,) -> tokens (B, L, C) in K = num_iter steps; mask_schedule: gamma_t of the
-    reveals (Fig. 3a), None: the model's. All randomness from `generator`."""
+    reveals (Fig. 3a), None: the model's. All randomness from `generator`. labels None: the
+    official path without classes, num_images (or known's) rows. known: kept; the rest is
+    generated on linspace(t0, 1e-5, K + 1), t0 = start_time(its share), CFG included."""
     if mask_schedule is None:
         mask_schedule = model.mask_schedule
-    B = len(labels)
     L = model.seq_len
-    reveal_share = reveal_schedule(num_iter, mask_schedule)[1]  # (K,)
-    guided = cfg_steps(num_iter, cfg, cfg_interval).tolist()
-    tokens = torch.zeros(B, L, model.token_channels, device=labels.device)  # t = 1: all masked
-    mask = torch.ones(B, L, dtype=torch.bool, device=labels.device)
-    class_emb = model.class_emb(labels)  # (B, D)
-    for k in range(num_iter):
-        if not mask[0].any():  # everything was revealed early (possible, rare)
-            break
-        reveal = choose_reveal(mask, reveal_share[k].item(), generator)  # (B, L)
-        scale = cfg
-        if cfg_schedule != "constant":  # u: the share revealed after this step
-            scale = cfg_scale(cfg, cfg_schedule, 1 - (mask[0].sum() - reveal[0].sum()).item() / L)
-        tokens = predict_revealed(model, tokens, mask, reveal, class_emb, cfg=scale,
-                                  guided=guided[k], head_sampler=head_sampler,
-                                  head_steps=head_steps, temperature=temperature,
-                                  generator=generator)
-        mask = mask & ~reveal
+    if known is None:  # t0 = 1: every token unknown
+        B = num_images if labels is None else len(labels)
+        tokens = torch.zeros(B, L, model.token_channels, device=model.fake_latent.device)
+        known = Known(tokens, torch.zeros(B, L, dtype=torch.bool, device=tokens.device))
+    B = len(known.tokens)
+    # no labels: the fake class embedding in every row, no CFG (it would mix equal predictions)
+    class_emb = model.fake_latent.expand(B, -1) if labels is None else model.class_emb(labels)
+    cfg = 1.0 if labels is None else cfg
+    tokens = torch.where(known.mask[..., None], known.tokens, 0.0)  # (B, L, C), unknown 0
+    unknown = (~known.mask).sum(1)  # (B,)
+    # the MAE encoder keeps the same count in every row: one run per unknown count
+    for count in [n for n in unknown.unique().tolist() if n > 0]:
+        rows = (unknown == count).nonzero()[:, 0]  # (b,)
+        t0 = start_time(count / L, mask_schedule)
+        reveal_share = reveal_schedule(num_iter, mask_schedule, t0)[1]  # (K,)
+        guided = cfg_steps(num_iter, cfg, cfg_interval, t0).tolist()
+        x = tokens[rows]  # (b, L, C)
+        mask = ~known.mask[rows]  # (b, L): True = not generated yet
+        for k in range(num_iter):
+            if not mask[0].any():  # everything was revealed early (possible, rare)
+                break
+            reveal = choose_reveal(mask, reveal_share[k].item(), generator)  # (b, L)
+            scale = cfg
+            if cfg_schedule != "constant":  # u: the share revealed after this step
+                scale = cfg_scale(cfg, cfg_schedule, 1 - (mask[0].sum() - reveal[0].sum()).item() / L)
+            x = predict_revealed(model, x, mask, reveal, class_emb[rows], cfg=scale,
+                                 guided=guided[k], head_sampler=head_sampler,
+                                 head_steps=head_steps, temperature=temperature,
+                                 generator=generator)
+            mask = mask & ~reveal
+        tokens[rows] = x
     return tokens
 
 # ==== 5. The paper's sampling settings (Tables 2, 3; the official evaluation scripts) ====
@@ -317,7 +357,7 @@ def settings(model, num_iter, head_sampler="dpm-solver", head_steps=None, cfg=No
 TOKENIZERS = {(256, 16): ("kl16", 256), (256, 32): ("dcae", 512)}  # (L, C) -> tokenizer, pixels
 
 def load_model(path, size=None, img_size=None, ema=True, device="cpu", tokenizer=None):
-    """-> (model, training flags): ours from the 'config', official ones from size, img_size."""
+    """-> (model, training flags, data): ours from the 'config', official ones from size, img_size."""
     checkpoint = emigm.load_checkpoint(path)  # one-line errors for unreadable files
     config = checkpoint.get("config")
     if config is None and size is None:
@@ -326,11 +366,16 @@ def load_model(path, size=None, img_size=None, ema=True, device="cpu", tokenizer
         model = emigm.create_emigm(size, 256 if img_size is None else img_size)
     else:
         model = emigm.EMIGM(**config)
+    data = checkpoint.get("data")  # train.py's dict(tokenizer, img_size, patch, channels, class_names)
+    if data is None:  # older checkpoints: from the token shape (pixels: 28 x 28 grey, no names)
+        kind, pixels = TOKENIZERS.get((model.seq_len, model.token_channels), ("pixel", 28))
+        patch = 28 // math.isqrt(model.seq_len) if kind == "pixel" else None
+        data = dict(tokenizer=kind, img_size=pixels, patch=patch,
+                    channels=None if patch is None else 1, class_names=None)
     # the flags that name the model must agree with the checkpoint's
-    kind, own_img_size = TOKENIZERS.get((model.seq_len, model.token_channels), ("pixel", 28))
     own_size = preset_size(model.config)[0]
-    for flag, value, own in (("--size", size, own_size), ("--img-size", img_size, own_img_size),
-                             ("--tokenizer", tokenizer, kind)):
+    for flag, value, own in (("--size", size, own_size), ("--img-size", img_size, data["img_size"]),
+                             ("--tokenizer", tokenizer, data["tokenizer"])):
         if value is not None and value != own:
             raise ValueError(f"{flag} {value} disagrees with --ckpt {path} ({own}): drop {flag}")
     try:
@@ -340,37 +385,59 @@ def load_model(path, size=None, img_size=None, ema=True, device="cpu", tokenizer
     flags = checkpoint.get("args") or {}
     if isinstance(flags, argparse.Namespace):  # the official checkpoints'
         flags = vars(flags)
-    return model.to(device).eval(), flags
+    return model.to(device).eval(), flags, data
 
-def generate(model, tok, labels, sampler_kwargs, seed, device):
-    """uint8 (B, H, W, 3) images (MAR's rounding, grey repeated for ADM), all from `seed`."""
+def generate(model, tok, labels, sampler_kwargs, seed, device, num_images=None, known=None):
+    """uint8 (B, H, W, 3) images (MAR's rounding, grey repeated for ADM), all from `seed`;
+    labels None: unconditional, num_images (or known's) of them. known: see sample_tokens."""
     generator = torch.Generator(device).manual_seed(seed)
-    tokens = sample_tokens(model, labels.to(device), generator=generator, **sampler_kwargs)
+    labels = None if labels is None else labels.to(device)
+    tokens = sample_tokens(model, labels, generator=generator, num_images=num_images, known=known,
+                           **sampler_kwargs)
     with torch.no_grad():
         images = (tok.decode(tokens).float() + 1) / 2 * 255  # (B, 1 or 3, H, W)
     images = images.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
     return images.expand(-1, -1, -1, 3).cpu().numpy()
 
-def save_grid(model, tok, classes, per_class, sampler_kwargs, seed, batch_size, path, device):
-    """A PNG of per_class images per class (None: all if <= 16, else DiT's 8); seeds as bulk."""
-    from PIL import Image
+def write_grid(images, path, row_names=None):
+    """uint8 (rows, columns, H, W, 3) -> a PNG; row_names: drawn in a white left margin."""
+    from PIL import Image, ImageDraw
+    rows, columns, H, W, _ = images.shape
+    grid = images.swapaxes(1, 2).reshape(rows * H, columns * W, 3)
+    picture = Image.fromarray(grid)
+    if row_names is not None:  # PIL's default font, each name at its row's middle
+        margin = 8 + math.ceil(max(ImageDraw.Draw(picture).textlength(n) for n in row_names))
+        picture = Image.fromarray(np.pad(grid, ((0, 0), (margin, 0), (0, 0)), constant_values=255))
+        for i, name in enumerate(row_names):
+            ImageDraw.Draw(picture).text((4, i * H + H // 2), name, fill="black", anchor="lm")
+    picture.save(path)
+
+def save_grid(model, tok, classes, per_class, sampler_kwargs, seed, batch_size, path, device,
+              row_names=None, unconditional=False):
+    """A PNG of per_class images per class (None: ImageNet: DiT's 8, else the first <= 16), or
+    per_class rows unconditional; seeds as bulk. row_names[c]: class c's, left of its rows."""
     if classes is None:
-        classes = list(GRID_CLASSES) if model.num_classes > 16 else list(range(model.num_classes))
+        first = list(range(min(model.num_classes, 16)))
+        classes = list(GRID_CLASSES) if model.num_classes == 1000 else first
+    if unconditional:  # per_class rows of images without labels
+        classes = [0] * per_class
     labels = torch.tensor(classes).repeat_interleave(per_class)
     start = time.perf_counter()
     batches = []
     for j, rows in enumerate(labels.split(batch_size)):
-        batches.append(generate(model, tok, rows, sampler_kwargs, batch_seed(seed, j), device))
+        batches.append(generate(model, tok, None if unconditional else rows, sampler_kwargs,
+                                batch_seed(seed, j), device, num_images=len(rows)))
     images = np.concatenate(batches)  # (N, H, W, 3) uint8
-    rows = images.reshape(len(classes), per_class, *images.shape[1:]).swapaxes(1, 2)
-    Image.fromarray(rows.reshape(rows.shape[0] * rows.shape[1], -1, 3)).save(path)
+    if row_names is not None and not unconditional:
+        row_names = [row_names[c] for c in classes]
+    write_grid(images.reshape(len(classes), per_class, *images.shape[1:]), path, row_names)
     seconds = (time.perf_counter() - start) / len(labels)
     print(f"wrote {path}; {seconds:.3f} s/image (first batch included)")
 
 def bulk(model, tok, sampler_kwargs, num_images, out, seed, batch_size, rank, world_size,
-         device, fid_ref=None, inception=None):
-    """OUT/samples.npz: images, labels i % classes. Batch j goes to rank j % world_size and its
-    own file: the same bytes on any number of processes; a restart skips the written ones."""
+         device, fid_ref=None, inception=None, unconditional=False):
+    """OUT/samples.npz: images, labels i % classes (none unconditional). Batch j goes to rank j %
+    world_size and its own file: the same bytes on any process count; a restart skips written ones."""
     from tqdm import tqdm
     parts = Path(out) / "batches"
     labels = torch.arange(num_images) % model.num_classes
@@ -384,7 +451,8 @@ def bulk(model, tok, sampler_kwargs, num_images, out, seed, batch_size, rank, wo
         if (parts / f"{j:06d}.npy").exists():
             continue
         start = time.perf_counter()
-        images = generate(model, tok, batches[j], sampler_kwargs, batch_seed(seed, j), device)
+        images = generate(model, tok, None if unconditional else batches[j], sampler_kwargs,
+                          batch_seed(seed, j), device, num_images=len(batches[j]))
         np.save(parts / f"tmp{rank}.npy", images)
         os.replace(parts / f"tmp{rank}.npy", parts / f"{j:06d}.npy")  # complete files only
         times.append((time.perf_counter() - start, len(batches[j])))
@@ -396,14 +464,15 @@ def bulk(model, tok, sampler_kwargs, num_images, out, seed, batch_size, rank, wo
     if rank != 0:
         return
     arr = np.concatenate([np.load(parts / f"{j:06d}.npy") for j in range(len(batches))])
-    np.savez(Path(out) / "samples.npz", arr_0=arr, arr_1=labels.numpy())
+    arrays = {"arr_0": arr} if unconditional else {"arr_0": arr, "arr_1": labels.numpy()}
+    np.savez(Path(out) / "samples.npz", **arrays)
     shutil.rmtree(parts)
     print(f"wrote {Path(out) / 'samples.npz'}: {arr.shape} uint8")
     if fid_ref == "fashion-mnist":  # our offline metric for 28 x 28 data, not Inception FID
         import small_metric
         import tokenizer
         metric = small_metric.SmallDataMetric(*tokenizer.load_fashion_mnist("train"), str(METRIC_CACHE))
-        print(metric.label, metric.evaluate(arr[..., 0], labels.numpy()))
+        print(metric.label, metric.evaluate(arr[..., 0], arrays.get("arr_1")))
     elif fid_ref is not None:
         print(fid.compute_metrics(arr, fid_ref, model=inception))
 
@@ -412,7 +481,10 @@ def check_flags(args):
     """The checks across flags and of the paths, before any checkpoint is read."""
     if args.ckpt is None:
         raise ValueError("--ckpt is missing: pass --ckpt PATH (or --bench)")
-    if (args.num_images is None) != (args.out is None) or (args.fid_ref and args.out is None):
+    if args.inpaint is not None or args.region is not None or args.mask_image is not None:
+        import inpaint  # its flags and inputs
+        inpaint.check_flags(args)
+    elif (args.num_images is None) != (args.out is None) or (args.fid_ref and args.out is None):
         raise ValueError("--num-images, --out: bulk mode takes both (and --fid-ref needs them)")
     if args.cfg_interval is not None and not args.cfg_interval[0] < args.cfg_interval[1]:
         raise ValueError(f"--cfg-interval {args.cfg_interval}: pass T_MIN < T_MAX")
@@ -439,30 +511,36 @@ def run(args):
     import tokenizer
     check_flags(args)
     ddp = setup_distributed()
-    model, flags = load_model(args.ckpt, args.size, args.img_size, ema=not args.no_ema,
-                              device=ddp.device, tokenizer=args.tokenizer)
+    model, flags, data = load_model(args.ckpt, args.size, args.img_size, ema=not args.no_ema,
+                                    device=ddp.device, tokenizer=args.tokenizer)
+    unconditional = args.unconditional or is_unconditional(model)
+    if unconditional and args.classes is not None:
+        raise ValueError(f"--classes {args.classes[0]}: unconditional sampling: drop --classes")
     if args.classes is not None and max(args.classes) >= model.num_classes:
         raise ValueError(f"--classes {max(args.classes)}: the model has classes 0-{model.num_classes - 1}")
-    if args.num_images is not None and args.num_images % model.num_classes:
+    if args.out is not None and not unconditional and args.num_images % model.num_classes:
         raise ValueError(f"--num-images {args.num_images}: pass a multiple of {model.num_classes}")
     sampler_kwargs = settings(model, args.num_iter, args.head_sampler, args.head_steps, args.cfg,
                               args.cfg_schedule, args.cfg_interval, args.temperature,
                               args.mask_schedule)
-    kind = TOKENIZERS.get((model.seq_len, model.token_channels), ("pixel",))[0]
     vae = args.vae if args.vae is not None else flags.get("vae")
-    patch = 28 // math.isqrt(model.seq_len)  # pixels only: 28 x 28 images in square patches
-    tok = tokenizer.load_tokenizer(kind, vae, patch=patch).to(ddp.device).eval()
+    tok = tokenizer.load_tokenizer(data["tokenizer"], vae, patch=data["patch"], img_size=data["img_size"],
+                                   in_channels=data["channels"]).to(ddp.device).eval()
     if tok.channels != model.token_channels:
-        raise ValueError(f"{kind} tokens: {tok.channels} channels, the model's: {model.token_channels}")
-    if ddp.rank == 0:
-        k, f = nfe(args.num_iter, sampler_kwargs["cfg"], sampler_kwargs["cfg_interval"])
+        raise ValueError(f"{tok.kind} tokens: {tok.channels} channels, the model's: {model.token_channels}")
+    if ddp.rank == 0 and args.inpaint is None:  # inpaint.run prints its own (from t0)
+        k, f = nfe(args.num_iter, 1.0 if unconditional else sampler_kwargs["cfg"],
+                   sampler_kwargs["cfg_interval"])
         print(f"NFE = {k} x {f:.4f} (~{k} x {f:.1f}); {sampler_kwargs}")
-    if args.out is None:
+    if args.inpaint is not None:
+        import inpaint
+        inpaint.run(args, model, tok, data, sampler_kwargs, unconditional, ddp.device)
+    elif args.out is None:
         save_grid(model, tok, args.classes, args.per_class, sampler_kwargs, args.seed,
-                  args.batch_size, args.grid, ddp.device)
+                  args.batch_size, args.grid, ddp.device, data["class_names"], unconditional)
     else:
         bulk(model, tok, sampler_kwargs, args.num_images, args.out, args.seed, args.batch_size,
-             ddp.rank, ddp.world_size, ddp.device, args.fid_ref, args.inception)
+             ddp.rank, ddp.world_size, ddp.device, args.fid_ref, args.inception, unconditional)
     if ddp.rank == 0:
         where = "allocated on the GPU" if ddp.device.type == "cuda" else "max RSS"
         print(f"peak memory {peak_memory_gb(ddp.device):.2f} GiB ({where})")
@@ -491,9 +569,13 @@ def build_parser():
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
     p.add_argument("--classes", type=nonnegative_int, nargs="+", help="grid rows (default: DiT's 8)")
-    p.add_argument("--per-class", type=positive_int, default=8)
+    p.add_argument("--per-class", type=positive_int, default=8, help="--inpaint: grid columns")
+    p.add_argument("--unconditional", action="store_true", help="no labels, no CFG (any model)")
+    p.add_argument("--inpaint", help="images.npz (ADM: arr_0 uint8 (N, H, W, C)) or 'fashion-mnist'")
+    p.add_argument("--region", help="--inpaint: bottom (default), top, left, right, center, border")
+    p.add_argument("--mask-image", help="--inpaint's unknown area: a PNG's white pixels")
     p.add_argument("--grid", default="samples.png", help="the grid PNG, in an existing folder")
-    p.add_argument("--num-images", type=positive_int, help="bulk mode: OUT/samples.npz")
+    p.add_argument("--num-images", type=positive_int, help="bulk mode: OUT/samples.npz; --inpaint: N")
     p.add_argument("--out", help="bulk mode folder")
     p.add_argument("--fid-ref", help="reference stats for fid.py, or 'fashion-mnist'")
     p.add_argument("--inception", help="Inception weights for --fid-ref")

@@ -471,7 +471,7 @@ def test_bad_inputs_are_one_line_errors(cli_files, capsys, flags, needle):
 def test_size_that_agrees_with_the_checkpoint_is_accepted(tmp_path):
     model = seeded(0, **emigm.TINY)
     save_tiny(model, tmp_path / "t.pt")
-    loaded, _ = sample.load_model(tmp_path / "t.pt", size="Tiny")
+    loaded, _, _ = sample.load_model(tmp_path / "t.pt", size="Tiny")
     assert loaded.config == model.config
     with pytest.raises(ValueError, match="--size B"):
         sample.load_model(tmp_path / "t.pt", size="B")
@@ -481,7 +481,7 @@ def test_ema_by_default(tiny, tmp_path):
     other = seeded(1, **TINY_CONFIG)
     save_tiny(tiny, tmp_path / "t.pt", ema=other.state_dict())
     for ema, want in [(True, other), (False, tiny)]:
-        model, _ = sample.load_model(tmp_path / "t.pt", ema=ema)
+        model, _, _ = sample.load_model(tmp_path / "t.pt", ema=ema)
         assert torch.equal(model.z_proj.weight, want.z_proj.weight)
 
 
