@@ -171,7 +171,7 @@ def prepare(args, model, tok, size, channels, unconditional):
         pixels = read_mask_image(args.mask_image, size)
     unknown = token_mask(pixels, tok.stride)  # (L,)
     if not unknown.any():
-        raise ValueError("--region / --mask-image: no token is unknown: mark some pixels white")
+        raise ValueError(f"--mask-image {args.mask_image}: no white pixel: mark the unknown area white")
     return {"images": images, "labels": labels, "unknown": unknown}
 
 # ==== 4. The command line's run (sample.py --inpaint) ====

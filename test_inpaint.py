@@ -346,6 +346,10 @@ def test_grids_of_named_classes_unconditional_and_rgb(tmp_path, capsys):
                           "--grid", str(tmp_path / "rgb.png")))
     body = grid_parts(read_png(tmp_path / "rgb.png"), 3, 3, 32)[1]
     assert np.array_equal(body[2][:, :8], images[:, :8])  # the top token row is known
+    with pytest.raises(SystemExit):  # the Fashion-MNIST metric takes 28 x 28 grey images only
+        sample.main(run_flags(tmp_path, "--inpaint", str(tmp_path / "rgb.npz"), "--fid-ref",
+                              "fashion-mnist", "--grid", str(tmp_path / "no.png")))
+    assert "--fid-ref fashion-mnist" in capsys.readouterr().err
     # an unconditional model: one block, no names, no CFG, no --classes
     uncond = dict(rgb, num_classes=1, label_drop_prob=1.0)
     save(seeded(1, **uncond), tmp_path / "tiny.pt", dict(data, class_names=None))
