@@ -21,6 +21,7 @@ from scipy.stats import binom
 
 import cli
 import emigm
+import head_samplers
 import sample
 
 HERE = Path(__file__).parent
@@ -69,7 +70,7 @@ def official():
 def test_dpm_solver_matches_official(official):
     sc = REF["schedules"]
     dpm = REF["dpm"]
-    ns = sample.noise_schedule()
+    ns = head_samplers.noise_schedule()
     assert ns.total_N == sc["ns_total_N_after_lambda_clip"] == 996
     # computed in fp64 and cast: equal unless a value sat within 1e-16 of a float32 rounding boundary
     assert torch.equal(ns.t_array, sc["ns_t_array"][0])
@@ -79,7 +80,7 @@ def test_dpm_solver_matches_official(official):
     ns64.log_alpha_array = ns.log_alpha_array.double()
     net64 = fp64(official).diffloss.net
     for steps in (8, 14):
-        plan = sample.dpm_plan(steps)
+        plan = head_samplers.dpm_plan(steps)
         assert [p.order for p in plan] == sc[f"dpm_steps{steps}/orders"]
         # the outer times and the net's time input (t - 1/N) * 1000
         # (measured: 0.0 here; spread 1.7e-5, 2.5e-5)
@@ -92,10 +93,10 @@ def test_dpm_solver_matches_official(official):
         for cfg in (1.0, 3.0):
             calls = []
             hook = official.diffloss.net.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
-            out = sample.dpm_solver_sample(official.diffloss.net, dpm["noise"], dpm["z_cond"],
+            out = head_samplers.dpm_solver_sample(official.diffloss.net, dpm["noise"], dpm["z_cond"],
                                            dpm["z_uncond"], cfg, steps)
             hook.remove()
-            out64 = sample.dpm_solver_sample(net64, dpm["noise"].double(), dpm["z_cond"].double(),
+            out64 = head_samplers.dpm_solver_sample(net64, dpm["noise"].double(), dpm["z_cond"].double(),
                                              dpm["z_uncond"].double(), cfg, steps)
             # measured: 0.0 (bit-exact) here; spread 1.6e-7 to 2.8e-7
             assert rel(out, dpm[f"steps{steps}/cfg{cfg}"]) <= MARGIN * rel(out, out64)
@@ -162,9 +163,9 @@ def test_ddpm_guidance_is_uncond_plus_cfg_times_difference():
 
     cond, uncond = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
-    guided = sample.ddpm_sample(net, noise, cond, uncond, 2.5, steps=5,
+    guided = head_samplers.ddpm_sample(net, noise, cond, uncond, 2.5, steps=5,
                                 generator=torch.Generator().manual_seed(2))
-    plain = sample.ddpm_sample(net, noise, uncond + 2.5 * (cond - uncond), steps=5,
+    plain = head_samplers.ddpm_sample(net, noise, uncond + 2.5 * (cond - uncond), steps=5,
                                generator=torch.Generator().manual_seed(2))
     assert torch.equal(guided, plain)
 
@@ -215,12 +216,12 @@ def test_analytic_gaussian(head, steps):
     standard errors at n = 50k are 0.24% of |m| and 0.32% of s, so 1% is more than 3 of them."""
     m = torch.tensor([1.5, -2.0])
     s = torch.tensor([0.8, 1.0])  # latents are scaled to about unit variance
-    ns = sample.noise_schedule()
+    ns = head_samplers.noise_schedule()
     ac = emigm.GaussianDiffusion().alphas_cumprod.float()
 
     def net(x, t, c):
         if head == "ddpm":  # the net sees the original step; the exact reverse variance as the learned one
-            diffusion = sample.respaced(steps)
+            diffusion = head_samplers.respaced(steps)
             a2 = ac[t.long()][:, None]
             i = torch.searchsorted(diffusion.timesteps, t.long())
             coef1 = diffusion.posterior_mean_coef1.float()[i][:, None]
@@ -238,17 +239,17 @@ def test_analytic_gaussian(head, steps):
     n = 50_000 if head == "ddpm" else 20_000
     if head == "ddpm":
         noise = torch.randn(n, 2, generator=gen)
-        x = sample.ddpm_sample(net, noise, torch.zeros(n, 1), steps=steps, generator=gen)
+        x = head_samplers.ddpm_sample(net, noise, torch.zeros(n, 1), steps=steps, generator=gen)
     else:
         q = torch.distributions.Normal(0.0, 1.0).icdf((torch.arange(n) + 0.5) / n)[:, None].repeat(1, 2)
-        x = sample.dpm_solver_sample(net, q, torch.zeros(n, 1), steps=steps)
+        x = head_samplers.dpm_solver_sample(net, q, torch.zeros(n, 1), steps=steps)
     assert ((x.mean(0) - m).abs() / m.abs()).max() < 0.01
     assert ((x.std(0) - s).abs() / s).max() < (0.015 if steps == 8 else 0.01)
 
 
 def test_respacing_keeps_the_noise_levels_of_the_kept_steps():
     full = emigm.GaussianDiffusion()
-    spaced = sample.respaced(100)
+    spaced = head_samplers.respaced(100)
     assert spaced.num_steps == 100 and spaced.timesteps[0] == 0 and spaced.timesteps[-1] == 999
     assert torch.allclose(spaced.alphas_cumprod, full.alphas_cumprod[spaced.timesteps], rtol=1e-9, atol=0)
     # 1000 of 1000 steps: the training schedule
