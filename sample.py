@@ -1,13 +1,20 @@
-"""Sampling from eMIGM (You et al. 2025, arXiv 2503.07197), Sec. 3 and Fig. 3, as the official
-code (ML-GSAI/eMIGM at de78623): K steps on t = linspace(1, 1e-5, K + 1); step t -> s reveals
-1 - gamma_s / gamma_t of the masked tokens, which the head samples (DPM-Solver++ or MAR's DDPM);
-CFG (Fig. 2e) iff s is in (t_min, t_max] (Fig. 3c): NFE = K x f. Deviations, same distribution:
-one draw picks every row's tokens; DDPM with CFG draws the conditional half's noise only.
-labels=None: the fake class embedding, no CFG; inpainting starts from `known` tokens (inpaint.py).
+"""Sampling from eMIGM (You et al. 2025, arXiv 2503.07197), Sec. 3 and Fig. 3,
+as the official code (ML-GSAI/eMIGM at de78623) does it:
+- K steps on t = linspace(1, 1e-5, K + 1); the step t -> s reveals the share
+  1 - gamma_s / gamma_t of the masked tokens (gamma_t: the mask schedule);
+- the diffusion head samples the revealed tokens (DPM-Solver++ or MAR's DDPM,
+  head_samplers.py);
+- CFG (Fig. 2e) iff s is in (t_min, t_max] (Fig. 3c): NFE = K x f.
+Deviations, same distribution: one draw picks every row's tokens; DDPM with
+CFG draws the conditional half's noise only.
+labels=None: the fake class embedding, no CFG. Inpainting starts from `known`
+tokens (inpaint.py).
 
   python sample.py --ckpt PATH --nfe 16      # grid PNG, one row per class
-  torchrun --nproc_per_node 8 sample.py --ckpt PATH --nfe 128 --num-images 50000 --out DIR
-  python sample.py --ckpt PATH --inpaint fashion-mnist --region bottom  # or --unconditional
+  torchrun --nproc_per_node 8 sample.py --ckpt PATH --nfe 128 \\
+      --num-images 50000 --out DIR           # ADM .npz for FID
+  python sample.py --ckpt PATH --inpaint fashion-mnist --region bottom
+  python sample.py --ckpt PATH --unconditional
   python sample.py --bench                   # speed, random weights
 """
 import argparse
@@ -24,24 +31,34 @@ import torch.distributed as dist
 
 import emigm
 from head_samplers import HEAD_SAMPLERS, draw
-from cli import batch_seed, guidance_scale, nonnegative_int, peak_memory_gb, positive_float
-from cli import positive_int, setup_distributed, unit_interval
+from cli import batch_seed, guidance_scale, nonnegative_int, peak_memory_gb
+from cli import positive_float, positive_int, setup_distributed, unit_interval
 
-SAMPLER_EPS = 1e-5  # the sampler's last time (training uses emigm.TRAIN_T_EPS)
-GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)  # ImageNet classes (DiT's sample.py)
-METRIC_CACHE = Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"  # small_metric.py's
-CFG_SCHEDULES = ("constant", "linear", "power", "cubic", "exp", "cosine")  # see cfg_scale
+# the sampler's last time (training uses emigm.TRAIN_T_EPS)
+SAMPLER_EPS = 1e-5
+# the grid's ImageNet classes (DiT's sample.py)
+GRID_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
+# small_metric.py's cache (its CNN and the training split's statistics)
+METRIC_CACHE = Path.home() / ".cache" / "emigm-mini" / "small_metric.pt"
+# the options of cfg_scale
+CFG_SCHEDULES = ("constant", "linear", "power", "cubic", "exp", "cosine")
 
 # ==== 1. The reveal schedule (Sec. 3; the mask schedule gamma_t of Fig. 3a) ====
 def reveal_schedule(num_iter, schedule="exp", t0=1.0):
-    """Times t0 = t_0 > ... > t_K = 1e-5 (K + 1,); step t -> s reveals 1 - gamma_s / gamma_t."""
-    times = torch.linspace(t0, SAMPLER_EPS, num_iter + 1)  # float32, as the official code
-    share = 1 - emigm.mask_ratio(times[1:], schedule) / emigm.mask_ratio(times[:-1], schedule)
-    share[-1] = 1.0  # the last step reveals everything
+    """Times t0 = t_0 > ... > t_K = 1e-5, shape (K + 1,), and each step's share:
+    the step t -> s reveals 1 - gamma_s / gamma_t of the masked tokens."""
+    # float32, as the official code
+    times = torch.linspace(t0, SAMPLER_EPS, num_iter + 1)  # (K + 1,)
+    gamma_s = emigm.mask_ratio(times[1:], schedule)  # (K,)
+    gamma_t = emigm.mask_ratio(times[:-1], schedule)  # (K,)
+    share = 1 - gamma_s / gamma_t
+    # the last step reveals everything
+    share[-1] = 1.0
     return times, share
 
 def start_time(share, schedule="exp"):
-    """Inpainting's first time t0, gamma_t0 = share (Table 4 inverted); 1 if share >= gamma_1."""
+    """Inpainting's first time t0, where gamma_t0 = share (Table 4 inverted);
+    1 if share >= gamma_1."""
     if share >= emigm.mask_ratio(1.0, schedule).item():
         return 1.0
     if schedule == "linear":
@@ -52,154 +69,200 @@ def start_time(share, schedule="exp"):
         return -math.log1p(-share) / 5
     if schedule == "log":
         return math.expm1(5 * share) / (math.exp(5.0) - 1)
-    return share ** 2  # poly-0.5
+    # poly-0.5
+    return share ** 2
 
 def choose_reveal(mask, share, generator=None):
-    """mask (B, L) -> a uniform n-subset of each row's masked positions, n ~ Bin(#masked, share)."""
+    """mask (B, L) -> reveal (B, L): a uniform n-subset of each row's masked
+    positions, n ~ Bin(#masked, share), at least 1, the same n in every row."""
     if share >= 1:
         return mask.clone()
-    coins = draw(torch.rand, int(mask[0].sum()), generator, mask.device)  # row 0's (official)
-    n = max(int((coins < share).sum()), 1)  # at least 1
-    # the n masked positions of lowest score; unmasked ones score 2, above every draw
-    scores = draw(torch.rand, mask.shape, generator, mask.device).masked_fill(~mask, 2.0)
+    # n from row 0's masked count (as the official code)
+    num_masked = int(mask[0].sum())
+    coins = draw(torch.rand, num_masked, generator, mask.device)
+    n = max(int((coins < share).sum()), 1)
+    # the n masked positions of lowest score (unmasked ones score 2, above every draw)
+    scores = draw(torch.rand, mask.shape, generator, mask.device)
+    scores = scores.masked_fill(~mask, 2.0)  # (B, L)
     chosen = scores.topk(n, dim=1, largest=False).indices  # (B, n)
     return torch.zeros_like(mask).scatter_(1, chosen, True)
 
 # ==== 2. Classifier-free guidance on a time interval, and NFE (Fig. 3c, Table 2) ====
 def cfg_steps(num_iter, cfg, cfg_interval, t0=1.0):
-    """(K,) bool: the steps with the unconditional branch: cfg != 1 and t_min < s <= t_max."""
+    """(K,) bool: the steps that run the unconditional branch too,
+    those with cfg != 1 and t_min < s <= t_max (Fig. 3c)."""
     t_min, t_max = cfg_interval
-    s = reveal_schedule(num_iter, t0=t0)[0][1:]  # (K,)
+    times = reveal_schedule(num_iter, t0=t0)[0]  # (K + 1,)
+    s = times[1:]  # (K,): each step's next time
     return (s > t_min) & (s <= t_max) & (cfg != 1.0)
 
 def cfg_scale(cfg, cfg_schedule, u):
-    """A step's scale 1 + (cfg - 1) f(u), u = the share revealed after it (official options)."""
-    f = dict(constant=1.0, linear=u, power=u ** 2, cubic=u ** 3, exp=1 - math.exp(-5 * u),
-             cosine=math.cos(math.pi / 2 * (1 - u)))
+    """A step's scale 1 + (cfg - 1) f(u), u = the share revealed after it;
+    the schedules f are the official code's options."""
+    f = dict(constant=1.0, linear=u, power=u ** 2, cubic=u ** 3,
+             exp=1 - math.exp(-5 * u), cosine=math.cos(math.pi / 2 * (1 - u)))
     return 1 + (cfg - 1) * f[cfg_schedule]
 
 def nfe(num_iter, cfg, cfg_interval, t0=1.0):
-    """Transformer passes per image, NFE = K x f, as (K, f): f = 1 + the share of CFG steps."""
-    return num_iter, 1 + cfg_steps(num_iter, cfg, cfg_interval, t0).float().mean().item()
+    """Transformer passes per image, NFE = K x f (Table 2), as (K, f):
+    f = 1 + the share of steps with CFG."""
+    guided = cfg_steps(num_iter, cfg, cfg_interval, t0)  # (K,)
+    return num_iter, 1 + guided.float().mean().item()
+
+# (3. The head samplers, DPM-Solver++ and DDPM: head_samplers.py)
 
 # ==== 4. The mask-prediction loop (Sec. 3) ====
 @torch.no_grad()
 def predict_revealed(model, tokens, mask, reveal, class_emb, *, cfg=1.0, guided=False,
-                     head_sampler="dpm-solver", head_steps=8, temperature=1.0, generator=None,
-                     noise=None):
-    """One step: the transformer on tokens (B, L, C), mask (B, L), class_emb (B, D); the head on
-    the tokens of reveal (B, L), from noise (n, C) (None: drawn). -> new tokens (B, L, C)."""
+                     head_sampler="dpm-solver", head_steps=8, temperature=1.0,
+                     generator=None, noise=None):
+    """One step of Sec. 3: the transformer on tokens (B, L, C), mask (B, L), class_emb (B, D);
+    the head on the tokens of reveal (B, L), from noise (n, C) (None: drawn).
+    -> the new tokens (B, L, C)."""
     B, L, C = tokens.shape
-    # CFG with mask (Fig. 2e): [cond; uncond] rows of the same input, the fake class embedding
-    x = torch.cat([tokens, tokens]) if guided else tokens  # (B or 2B, L, C)
-    m = torch.cat([mask, mask]) if guided else mask
+    # CFG with mask (Fig. 2e): [cond; uncond] rows of the same input,
+    # the unconditional ones with the fake class embedding
+    x = tokens
+    m = mask
     c = class_emb
     if guided:
-        c = torch.cat([class_emb, model.fake_latent.expand(B, -1).to(class_emb.dtype)])
-    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):  # GPUs: bf16 (official fp16)
-        z = model.forward_decoder(model.forward_encoder(x, m, c), m)  # (B or 2B, L, D)
-    # diffloss on the tokens revealed now, row-major as the official z[mask_to_pred]
+        fake = model.fake_latent.expand(B, -1).to(class_emb.dtype)
+        x = torch.cat([tokens, tokens])  # (2B, L, C)
+        m = torch.cat([mask, mask])  # (2B, L)
+        c = torch.cat([class_emb, fake])  # (2B, D)
+    # GPUs: bf16 autocast (the official code: fp16)
+    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):
+        encoded = model.forward_encoder(x, m, c)
+        z = model.forward_decoder(encoded, m)  # (B or 2B, L, D)
+    # the head's conditions: the tokens revealed now, row-major as the official z[mask_to_pred]
     z_cond = z[:B][reveal].to(tokens.dtype)  # (n, D)
-    z_uncond = z[B:][reveal].to(tokens.dtype) if guided else None
+    z_uncond = None
+    if guided:
+        z_uncond = z[B:][reveal].to(tokens.dtype)  # (n, D)
     if noise is None:
         noise = draw(torch.randn, (len(z_cond), C), generator, z.device)
-    head = HEAD_SAMPLERS[head_sampler](model.diffloss.net, noise.to(z_cond), z_cond, z_uncond,
-                                       cfg=cfg, steps=head_steps, temperature=temperature,
-                                       generator=generator)  # (n, C)
-    return tokens.masked_scatter(reveal[..., None], head.to(tokens.dtype))  # tokens[reveal] = head
+    head_sample = HEAD_SAMPLERS[head_sampler]
+    head = head_sample(model.diffloss.net, noise.to(z_cond), z_cond, z_uncond,
+                       cfg=cfg, steps=head_steps, temperature=temperature,
+                       generator=generator)  # (n, C)
+    # tokens[reveal] = head
+    return tokens.masked_scatter(reveal[..., None], head.to(tokens.dtype))
 
 @dataclass
-class Known:  # inpainting's given tokens, kept exactly
+class Known:
+    """Inpainting's given tokens, kept exactly."""
     tokens: torch.Tensor  # (B, L, C)
     mask: torch.Tensor  # (B, L) bool: True where the token is known
 
-def is_unconditional(model):  # trained on the fake class embedding only (labels always dropped)
+def is_unconditional(model):
+    """Trained on the fake class embedding only (labels always dropped)."""
     return model.num_classes == 1 and model.label_drop_prob == 1.0
 
 @torch.no_grad()
 def sample_tokens(model, labels=None, num_iter=16, cfg=4.0, cfg_schedule="constant",
                   cfg_interval=(0.1, 0.3), head_sampler="dpm-solver", head_steps=8,
-                  temperature=1.0, generator=None, mask_schedule=None, *, num_images=None,
-                  known=None):
-    """labels (B,) -> tokens (B, L, C) in K = num_iter steps; mask_schedule: gamma_t of the
-    reveals (Fig. 3a), None: the model's. All randomness from `generator`. labels None: the
-    official path without classes, num_images (or known's) rows. known: kept; the rest is
-    generated on linspace(t0, 1e-5, K + 1), t0 = start_time(its share), CFG included."""
+                  temperature=1.0, generator=None, mask_schedule=None, *,
+                  num_images=None, known=None):
+    """labels (B,) -> tokens (B, L, C) in K = num_iter steps (Sec. 3). mask_schedule:
+    the gamma_t of the reveals (Fig. 3a), None: the model's. All randomness from `generator`.
+    labels None: the official path without classes, num_images (or known's) rows.
+    known: kept; the rest is generated on linspace(t0, 1e-5, K + 1),
+    t0 = start_time(its share), CFG included."""
     if mask_schedule is None:
         mask_schedule = model.mask_schedule
     L = model.seq_len
-    if known is None:  # t0 = 1: every token unknown
+    # no known tokens: t0 = 1, every token unknown
+    if known is None:
         B = num_images if labels is None else len(labels)
-        tokens = torch.zeros(B, L, model.token_channels, device=model.fake_latent.device)
-        known = Known(tokens, torch.zeros(B, L, dtype=torch.bool, device=tokens.device))
+        shape = (B, L, model.token_channels)
+        tokens = torch.zeros(shape, device=model.fake_latent.device)
+        none_known = torch.zeros(B, L, dtype=torch.bool, device=tokens.device)
+        known = Known(tokens, none_known)
     B = len(known.tokens)
     # no labels: the fake class embedding in every row, no CFG (it would mix equal predictions)
-    class_emb = model.fake_latent.expand(B, -1) if labels is None else model.class_emb(labels)
-    cfg = 1.0 if labels is None else cfg
-    tokens = torch.where(known.mask[..., None], known.tokens, 0.0)  # (B, L, C), unknown 0
+    if labels is None:
+        class_emb = model.fake_latent.expand(B, -1)
+        cfg = 1.0
+    else:
+        class_emb = model.class_emb(labels)  # (B, D)
+    # the unknown tokens start at 0
+    tokens = torch.where(known.mask[..., None], known.tokens, 0.0)  # (B, L, C)
     unknown = (~known.mask).sum(1)  # (B,)
     # the MAE encoder keeps the same count in every row: one run per unknown count
-    for count in [n for n in unknown.unique().tolist() if n > 0]:
+    counts = [n for n in unknown.unique().tolist() if n > 0]
+    for count in counts:
         rows = (unknown == count).nonzero()[:, 0]  # (b,)
         t0 = start_time(count / L, mask_schedule)
         reveal_share = reveal_schedule(num_iter, mask_schedule, t0)[1]  # (K,)
-        guided = cfg_steps(num_iter, cfg, cfg_interval, t0).tolist()
+        guided = cfg_steps(num_iter, cfg, cfg_interval, t0).tolist()  # (K,)
         x = tokens[rows]  # (b, L, C)
         mask = ~known.mask[rows]  # (b, L): True = not generated yet
         for k in range(num_iter):
-            if not mask[0].any():  # everything was revealed early (possible, rare)
+            # everything was revealed early (possible, rare)
+            if not mask[0].any():
                 break
-            reveal = choose_reveal(mask, reveal_share[k].item(), generator)  # (b, L)
+            share = reveal_share[k].item()
+            reveal = choose_reveal(mask, share, generator)  # (b, L)
             scale = cfg
-            if cfg_schedule != "constant":  # u: the share revealed after this step
-                scale = cfg_scale(cfg, cfg_schedule, 1 - (mask[0].sum() - reveal[0].sum()).item() / L)
+            if cfg_schedule != "constant":
+                # u: the share revealed after this step
+                still_masked = (mask[0].sum() - reveal[0].sum()).item()
+                scale = cfg_scale(cfg, cfg_schedule, 1 - still_masked / L)
             x = predict_revealed(model, x, mask, reveal, class_emb[rows], cfg=scale,
                                  guided=guided[k], head_sampler=head_sampler,
                                  head_steps=head_steps, temperature=temperature,
-                                 generator=generator)
+                                 generator=generator)  # (b, L, C)
             mask = mask & ~reveal
         tokens[rows] = x
     return tokens
 
-# ==== 5. The paper's sampling settings (Tables 2, 3; the official evaluation scripts) ====
-# (size, image size) -> K -> sample_tokens' settings; "16 x 1.2" is K = 16 with NFE factor 1.2
+# ==== 5. The paper's sampling settings (Tables 2, 3; official evaluation) ====
+# (size, image size) -> K -> sample_tokens' settings;
+# "16 x 1.2" in the paper is K = 16 with NFE factor f = 1.2
 K16 = dict(head_steps=8, cfg=4.0, cfg_schedule="constant", cfg_interval=(0.1, 0.3))
 K128 = dict(head_steps=14, cfg=4.0, cfg_schedule="constant", cfg_interval=(0.18, 0.6))
-K16_512 = dict(K16, cfg_interval=(0.15, 0.35))  # 512 px: the official evaluation's intervals
+# 512 px: the official evaluation's intervals
+K16_512 = dict(K16, cfg_interval=(0.15, 0.35))
 K64_512 = dict(K128, cfg_interval=(0.25, 0.5))
 PRESETS = {
     **{(size, 256): {16: K16, 128: K128} for size in ("XS", "S", "L")},
     ("B", 256): {16: K16, 128: dict(K128, cfg_interval=(0.05, 0.4))},
-    ("H", 256): {16: dict(K16, cfg_interval=(0.2, 0.4)), 128: dict(K128, cfg_interval=(0.3, 0.7))},
+    ("H", 256): {16: dict(K16, cfg_interval=(0.2, 0.4)),
+                 128: dict(K128, cfg_interval=(0.3, 0.7))},
     **{(size, 512): {16: K16_512, 64: K64_512} for size in ("XS", "S", "B", "L")},
-    ("Tiny", 28): {16: dict(K16, cfg=3.0, cfg_interval=(0.0, 1.0))},  # the CPU demo's
+    # the CPU demo's
+    ("Tiny", 28): {16: dict(K16, cfg=3.0, cfg_interval=(0.0, 1.0))},
 }
-ARCHITECTURE = ("seq_len", "token_channels", "width", "depth", "num_heads", "head_depth",
-                "head_width")
+# the config keys that name a preset's architecture
+ARCHITECTURE = ("seq_len", "token_channels", "width", "depth", "num_heads",
+                "head_depth", "head_width")
 
 def preset_size(config):
     """The (size, image size) of PRESETS with `config`'s architecture, else ("custom", None)."""
     for size, img_size in PRESETS:
         preset = emigm.TINY
-        if size != "Tiny":  # emigm.SIZES: the transformer, and the head per image size
+        # emigm.SIZES: the transformer, and the head per image size
+        if size != "Tiny":
             head_depth, head_width = emigm.SIZES[size]["head"][img_size]
-            preset = dict(emigm.SIZES[size], **emigm.TOKENS[img_size], head_depth=head_depth,
-                          head_width=head_width)
+            preset = dict(emigm.SIZES[size], **emigm.TOKENS[img_size],
+                          head_depth=head_depth, head_width=head_width)
         if all(config[name] == preset[name] for name in ARCHITECTURE):
             return size, img_size
     return "custom", None
 
 def settings(model, num_iter, head_sampler="dpm-solver", head_steps=None, cfg=None,
              cfg_schedule=None, cfg_interval=None, temperature=1.0, mask_schedule=None):
-    """sample_tokens' keyword arguments: those given, the others (None) from the preset."""
+    """sample_tokens' keyword arguments: those given, the others (None) from the preset
+    of the model's size and K."""
     if head_sampler == "ddpm" and head_steps is None:
         head_steps = 100  # MAR's
     given = dict(head_steps=head_steps, cfg=cfg, cfg_schedule=cfg_schedule,
                  cfg_interval=cfg_interval)
-    preset = PRESETS.get(preset_size(model.config), {}).get(num_iter)
+    size = preset_size(model.config)
+    preset = PRESETS.get(size, {}).get(num_iter)
     if preset is None and None in given.values():
-        raise ValueError(f"--nfe {num_iter}: no preset for K = {num_iter} and this model: pass "
-                         f"--head-steps --cfg --cfg-schedule --cfg-interval")
+        raise ValueError(f"--nfe {num_iter}: no preset for K = {num_iter} and this model: "
+                         f"pass --head-steps --cfg --cfg-schedule --cfg-interval")
     for name, value in given.items():
         if value is None:
             given[name] = preset[name]
@@ -208,11 +271,14 @@ def settings(model, num_iter, head_sampler="dpm-solver", head_steps=None, cfg=No
                 mask_schedule=mask_schedule, **given)
 
 # ==== Checkpoints, grids and the bulk .npz (DiT's sample.py and sample_ddp.py) ====
-TOKENIZERS = {(256, 16): ("kl16", 256), (256, 32): ("dcae", 512)}  # (L, C) -> tokenizer, pixels
+# (L, C) of the tokens -> (tokenizer, image pixels)
+TOKENIZERS = {(256, 16): ("kl16", 256), (256, 32): ("dcae", 512)}
 
 def load_model(path, size=None, img_size=None, ema=True, device="cpu", tokenizer=None):
-    """-> (model, training flags, data): ours from the 'config', official ones from size, img_size."""
-    checkpoint = emigm.load_checkpoint(path)  # one-line errors for unreadable files
+    """-> (model, training flags, data): ours built from their 'config', official ones
+    from size and img_size."""
+    # one-line errors for unreadable files
+    checkpoint = emigm.load_checkpoint(path)
     config = checkpoint.get("config")
     if config is None and size is None:
         raise ValueError(f"--ckpt {path} has no 'config' (an official one?): pass --size")
@@ -220,37 +286,49 @@ def load_model(path, size=None, img_size=None, ema=True, device="cpu", tokenizer
         model = emigm.create_emigm(size, 256 if img_size is None else img_size)
     else:
         model = emigm.EMIGM(**config)
-    data = checkpoint.get("data")  # train.py's dict(tokenizer, img_size, patch, channels, class_names)
-    if data is None:  # older checkpoints: from the token shape (pixels: 28 x 28 grey, no names)
-        kind, pixels = TOKENIZERS.get((model.seq_len, model.token_channels), ("pixel", 28))
+    # train.py's dict(tokenizer, img_size, patch, channels, class_names)
+    data = checkpoint.get("data")
+    # older checkpoints: from the token shape (pixels: 28 x 28 grey, no names)
+    if data is None:
+        token_shape = (model.seq_len, model.token_channels)
+        kind, pixels = TOKENIZERS.get(token_shape, ("pixel", 28))
         patch = 28 // math.isqrt(model.seq_len) if kind == "pixel" else None
+        channels = None if patch is None else 1
         data = dict(tokenizer=kind, img_size=pixels, patch=patch,
-                    channels=None if patch is None else 1, class_names=None)
+                    channels=channels, class_names=None)
     # the flags that name the model must agree with the checkpoint's
     own_size = preset_size(model.config)[0]
-    for flag, value, own in (("--size", size, own_size), ("--img-size", img_size, data["img_size"]),
-                             ("--tokenizer", tokenizer, data["tokenizer"])):
+    naming_flags = (("--size", size, own_size),
+                    ("--img-size", img_size, data["img_size"]),
+                    ("--tokenizer", tokenizer, data["tokenizer"]))
+    for flag, value, own in naming_flags:
         if value is not None and value != own:
-            raise ValueError(f"{flag} {value} disagrees with --ckpt {path} ({own}): drop {flag}")
+            message = f"{flag} {value} disagrees with --ckpt {path} ({own})"
+            raise ValueError(f"{message}: drop {flag}")
     try:
         emigm.load_weights(model, checkpoint, ema=ema)
     except ValueError as error:
         raise ValueError(f"--ckpt {path}: {error}") from None
     flags = checkpoint.get("args") or {}
-    if isinstance(flags, argparse.Namespace):  # the official checkpoints'
+    # the official checkpoints pickle an argparse.Namespace
+    if isinstance(flags, argparse.Namespace):
         flags = vars(flags)
     return model.to(device).eval(), flags, data
 
 def generate(model, tok, labels, sampler_kwargs, seed, device, num_images=None, known=None):
-    """uint8 (B, H, W, 3) images (MAR's rounding, grey repeated for ADM), all from `seed`;
-    labels None: unconditional, num_images (or known's) of them. known: see sample_tokens."""
+    """uint8 images (B, H, W, 3), all from `seed`: MAR's rounding, grey
+    repeated to 3 channels for the ADM evaluator. labels None: unconditional,
+    num_images (or known's) of them. known: see sample_tokens."""
     generator = torch.Generator(device).manual_seed(seed)
-    labels = None if labels is None else labels.to(device)
-    tokens = sample_tokens(model, labels, generator=generator, num_images=num_images, known=known,
-                           **sampler_kwargs)
+    if labels is not None:
+        labels = labels.to(device)
+    tokens = sample_tokens(model, labels, generator=generator, num_images=num_images,
+                           known=known, **sampler_kwargs)  # (B, L, C)
     with torch.no_grad():
-        images = (tok.decode(tokens).float() + 1) / 2 * 255  # (B, 1 or 3, H, W)
-    images = images.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        images = tok.decode(tokens).float()  # (B, 1 or 3, H, W) in [-1, 1]
+        images = (images + 1) / 2 * 255
+    images = images.clamp(0, 255).round().to(torch.uint8)
+    images = images.permute(0, 2, 3, 1)  # (B, H, W, 1 or 3)
     return images.expand(-1, -1, -1, 3).cpu().numpy()
 
 def write_grid(images, path, row_names=None):
@@ -259,56 +337,71 @@ def write_grid(images, path, row_names=None):
     rows, columns, H, W, _ = images.shape
     grid = images.swapaxes(1, 2).reshape(rows * H, columns * W, 3)
     picture = Image.fromarray(grid)
-    if row_names is not None:  # PIL's default font, each name at its row's middle
-        margin = 8 + math.ceil(max(ImageDraw.Draw(picture).textlength(n) for n in row_names))
-        picture = Image.fromarray(np.pad(grid, ((0, 0), (margin, 0), (0, 0)), constant_values=255))
+    if row_names is not None:
+        # PIL's default font, each name at its row's middle
+        widths = [ImageDraw.Draw(picture).textlength(n) for n in row_names]
+        margin = 8 + math.ceil(max(widths))
+        padding = ((0, 0), (margin, 0), (0, 0))
+        picture = Image.fromarray(np.pad(grid, padding, constant_values=255))
         for i, name in enumerate(row_names):
-            ImageDraw.Draw(picture).text((4, i * H + H // 2), name, fill="black", anchor="lm")
+            middle = (4, i * H + H // 2)
+            ImageDraw.Draw(picture).text(middle, name, fill="black", anchor="lm")
     picture.save(path)
 
 def save_grid(model, tok, classes, per_class, sampler_kwargs, seed, batch_size, path, device,
               row_names=None, unconditional=False):
-    """A PNG of per_class images per class (None: ImageNet: DiT's 8, else the first <= 16), or
-    per_class rows unconditional; seeds as bulk. row_names[c]: class c's, left of its rows."""
+    """A PNG of per_class images per class (classes None: DiT's 8 on ImageNet, else the
+    first <= 16), or per_class rows when unconditional; seeds as bulk's.
+    row_names[c]: class c's name, left of its rows."""
     if classes is None:
         first = list(range(min(model.num_classes, 16)))
         classes = list(GRID_CLASSES) if model.num_classes == 1000 else first
-    if unconditional:  # per_class rows of images without labels
+    # unconditional: per_class rows of images without labels
+    if unconditional:
         classes = [0] * per_class
     labels = torch.tensor(classes).repeat_interleave(per_class)
     start = time.perf_counter()
     batches = []
     for j, rows in enumerate(labels.split(batch_size)):
-        batches.append(generate(model, tok, None if unconditional else rows, sampler_kwargs,
-                                batch_seed(seed, j), device, num_images=len(rows)))
+        batch_labels = None if unconditional else rows
+        images = generate(model, tok, batch_labels, sampler_kwargs,
+                          batch_seed(seed, j), device, num_images=len(rows))
+        batches.append(images)
     images = np.concatenate(batches)  # (N, H, W, 3) uint8
     if row_names is not None and not unconditional:
         row_names = [row_names[c] for c in classes]
-    write_grid(images.reshape(len(classes), per_class, *images.shape[1:]), path, row_names)
+    grid = images.reshape(len(classes), per_class, *images.shape[1:])
+    write_grid(grid, path, row_names)
     seconds = (time.perf_counter() - start) / len(labels)
     print(f"wrote {path}; {seconds:.3f} s/image (first batch included)")
 
 def bulk(model, tok, sampler_kwargs, num_images, out, seed, batch_size, rank, world_size,
          device, fid_ref=None, inception=None, unconditional=False):
-    """OUT/samples.npz: images, labels i % classes (none unconditional). Batch j goes to rank j %
-    world_size and its own file: the same bytes on any process count; a restart skips written ones."""
+    """OUT/samples.npz: the images and labels i % classes (none when unconditional).
+    Batch j goes to rank j % world_size and to its own file: the same bytes on any
+    process count; a restart skips the written ones."""
     from tqdm import tqdm
     parts = Path(out) / "batches"
     labels = torch.arange(num_images) % model.num_classes
     batches = labels.split(batch_size)
-    if fid_ref not in (None, "fashion-mnist") and rank == 0:  # fail now, not after sampling
+    # a missing Inception fails now, not after sampling
+    if fid_ref not in (None, "fashion-mnist") and rank == 0:
         import fid
         inception = fid.load_inception(inception, device)
     parts.mkdir(parents=True, exist_ok=True)
-    times = []  # (seconds, images) of each batch sampled here
-    for j in tqdm(range(rank, len(batches), world_size), disable=rank != 0, desc="sampling"):
+    # (seconds, images) of each batch sampled here
+    times = []
+    mine = range(rank, len(batches), world_size)
+    for j in tqdm(mine, disable=rank != 0, desc="sampling"):
         if (parts / f"{j:06d}.npy").exists():
             continue
         start = time.perf_counter()
-        images = generate(model, tok, None if unconditional else batches[j], sampler_kwargs,
-                          batch_seed(seed, j), device, num_images=len(batches[j]))
+        batch_labels = None if unconditional else batches[j]
+        images = generate(model, tok, batch_labels, sampler_kwargs, batch_seed(seed, j),
+                          device, num_images=len(batches[j]))
+        # complete files only: write, then rename
         np.save(parts / f"tmp{rank}.npy", images)
-        os.replace(parts / f"tmp{rank}.npy", parts / f"{j:06d}.npy")  # complete files only
+        os.replace(parts / f"tmp{rank}.npy", parts / f"{j:06d}.npy")
         times.append((time.perf_counter() - start, len(batches[j])))
     if rank == 0 and len(times) > 1:
         seconds, count = np.sum(times[1:], axis=0)
@@ -317,31 +410,44 @@ def bulk(model, tok, sampler_kwargs, num_images, out, seed, batch_size, rank, wo
         dist.barrier()
     if rank != 0:
         return
-    arr = np.concatenate([np.load(parts / f"{j:06d}.npy") for j in range(len(batches))])
-    arrays = {"arr_0": arr} if unconditional else {"arr_0": arr, "arr_1": labels.numpy()}
+    files = [parts / f"{j:06d}.npy" for j in range(len(batches))]
+    arr = np.concatenate([np.load(file) for file in files])
+    arrays = {"arr_0": arr}
+    if not unconditional:
+        arrays["arr_1"] = labels.numpy()
     np.savez(Path(out) / "samples.npz", **arrays)
     shutil.rmtree(parts)
     print(f"wrote {Path(out) / 'samples.npz'}: {arr.shape} uint8")
-    if fid_ref == "fashion-mnist":  # our offline metric for 28 x 28 data, not Inception FID
+    # fashion-mnist: our offline metric for 28 x 28 data, not Inception FID
+    if fid_ref == "fashion-mnist":
         import small_metric
         import tokenizer
-        metric = small_metric.SmallDataMetric(*tokenizer.load_fashion_mnist("train"), str(METRIC_CACHE))
+        train_split = tokenizer.load_fashion_mnist("train")
+        metric = small_metric.SmallDataMetric(*train_split, str(METRIC_CACHE))
         print(metric.label, metric.evaluate(arr[..., 0], arrays.get("arr_1")))
     elif fid_ref is not None:
         print(fid.compute_metrics(arr, fid_ref, model=inception))
 
-# ==== Command line: a grid for eyes, an ADM .npz for FID (the same bytes on any process count)
+# ==== Command line: a grid for eyes, an ADM .npz for FID (same bytes on any process count)
 def check_flags(args):
     """The checks across flags and of the paths, before any checkpoint is read."""
     if args.ckpt is None:
         raise ValueError("--ckpt is missing: pass --ckpt PATH (or --bench)")
-    if args.inpaint is not None or args.region is not None or args.mask_image is not None:
-        import inpaint  # its flags and inputs
+    inpainting = (args.inpaint is not None or args.region is not None
+                  or args.mask_image is not None)
+    if inpainting:
+        # its flags and inputs
+        import inpaint
         inpaint.check_flags(args)
-    elif (args.num_images is None) != (args.out is None) or (args.fid_ref and args.out is None):
-        raise ValueError("--num-images, --out: bulk mode takes both (and --fid-ref needs them)")
-    if args.cfg_interval is not None and not args.cfg_interval[0] < args.cfg_interval[1]:
-        raise ValueError(f"--cfg-interval {args.cfg_interval}: pass T_MIN < T_MAX")
+    else:
+        # bulk mode: --num-images and --out together; --fid-ref needs them
+        one_of_two = (args.num_images is None) != (args.out is None)
+        if one_of_two or (args.fid_ref and args.out is None):
+            raise ValueError("--num-images, --out: bulk mode takes both "
+                             "(and --fid-ref needs them)")
+    interval = args.cfg_interval
+    if interval is not None and not interval[0] < interval[1]:
+        raise ValueError(f"--cfg-interval {interval}: pass T_MIN < T_MAX")
     ddpm_steps = args.head_steps if args.head_sampler == "ddpm" else None
     if ddpm_steps is not None and not 2 <= ddpm_steps <= 1000:
         raise ValueError(f"--head-steps {ddpm_steps}: DDPM respaces 1000 steps: pass 2 to 1000")
@@ -353,9 +459,11 @@ def check_flags(args):
     flag = "--grid" if args.out is None else "--out"
     path = Path(args.grid if args.out is None else args.out)
     if path.exists() and path.is_dir() != (flag == "--out"):
-        raise ValueError(f"{flag} {path}: pass a {'file name' if flag == '--grid' else 'folder'}")
+        kind = "file name" if flag == "--grid" else "folder"
+        raise ValueError(f"{flag} {path}: pass a {kind}")
     folder = path if flag == "--out" else path.parent
-    while flag == "--out" and not folder.exists():  # the nearest existing folder must take it
+    # the nearest existing folder must take it
+    while flag == "--out" and not folder.exists():
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise ValueError(f"{flag} {path}: {folder} is no folder we can write in: create it")
@@ -368,33 +476,43 @@ def run(args):
     model, flags, data = load_model(args.ckpt, args.size, args.img_size, ema=not args.no_ema,
                                     device=ddp.device, tokenizer=args.tokenizer)
     unconditional = args.unconditional or is_unconditional(model)
+    num_classes = model.num_classes
     if unconditional and args.classes is not None:
         raise ValueError(f"--classes {args.classes[0]}: unconditional sampling: drop --classes")
-    if args.classes is not None and max(args.classes) >= model.num_classes:
-        raise ValueError(f"--classes {max(args.classes)}: the model has classes 0-{model.num_classes - 1}")
-    if args.out is not None and not unconditional and args.num_images % model.num_classes:
-        raise ValueError(f"--num-images {args.num_images}: pass a multiple of {model.num_classes}")
-    sampler_kwargs = settings(model, args.num_iter, args.head_sampler, args.head_steps, args.cfg,
-                              args.cfg_schedule, args.cfg_interval, args.temperature,
+    if args.classes is not None and max(args.classes) >= num_classes:
+        raise ValueError(f"--classes {max(args.classes)}: the model has "
+                         f"classes 0-{num_classes - 1}")
+    bulk_mode = args.out is not None
+    if bulk_mode and not unconditional and args.num_images % num_classes:
+        raise ValueError(f"--num-images {args.num_images}: pass a multiple of {num_classes}")
+    sampler_kwargs = settings(model, args.num_iter, args.head_sampler,
+                              args.head_steps, args.cfg, args.cfg_schedule,
+                              args.cfg_interval, args.temperature,
                               args.mask_schedule)
     vae = args.vae if args.vae is not None else flags.get("vae")
-    tok = tokenizer.load_tokenizer(data["tokenizer"], vae, patch=data["patch"], img_size=data["img_size"],
-                                   in_channels=data["channels"]).to(ddp.device).eval()
+    tok = tokenizer.load_tokenizer(data["tokenizer"], vae, patch=data["patch"],
+                                   img_size=data["img_size"],
+                                   in_channels=data["channels"])
+    tok = tok.to(ddp.device).eval()
     if tok.channels != model.token_channels:
-        raise ValueError(f"{tok.kind} tokens: {tok.channels} channels, the model's: {model.token_channels}")
-    if ddp.rank == 0 and args.inpaint is None:  # inpaint.run prints its own (from t0)
-        k, f = nfe(args.num_iter, 1.0 if unconditional else sampler_kwargs["cfg"],
-                   sampler_kwargs["cfg_interval"])
+        raise ValueError(f"{tok.kind} tokens: {tok.channels} channels, the "
+                         f"model's: {model.token_channels}")
+    # inpaint.run prints its own NFE (from its t0)
+    if ddp.rank == 0 and args.inpaint is None:
+        cfg = 1.0 if unconditional else sampler_kwargs["cfg"]
+        k, f = nfe(args.num_iter, cfg, sampler_kwargs["cfg_interval"])
         print(f"NFE = {k} x {f:.4f} (~{k} x {f:.1f}); {sampler_kwargs}")
     if args.inpaint is not None:
         import inpaint
         inpaint.run(args, model, tok, data, sampler_kwargs, unconditional, ddp.device)
     elif args.out is None:
-        save_grid(model, tok, args.classes, args.per_class, sampler_kwargs, args.seed,
-                  args.batch_size, args.grid, ddp.device, data["class_names"], unconditional)
+        save_grid(model, tok, args.classes, args.per_class, sampler_kwargs,
+                  args.seed, args.batch_size, args.grid, ddp.device,
+                  data["class_names"], unconditional)
     else:
-        bulk(model, tok, sampler_kwargs, args.num_images, args.out, args.seed, args.batch_size,
-             ddp.rank, ddp.world_size, ddp.device, args.fid_ref, args.inception, unconditional)
+        bulk(model, tok, sampler_kwargs, args.num_images, args.out, args.seed,
+             args.batch_size, ddp.rank, ddp.world_size, ddp.device,
+             args.fid_ref, args.inception, unconditional)
     if ddp.rank == 0:
         where = "allocated on the GPU" if ddp.device.type == "cuda" else "max RSS"
         print(f"peak memory {peak_memory_gb(ddp.device):.2f} GiB ({where})")
@@ -402,38 +520,57 @@ def run(args):
         dist.destroy_process_group()
 
 def build_parser():
-    """The flags; sampler settings left out (None) come from the preset of the size and K."""
-    p = argparse.ArgumentParser(description="eMIGM sampling: a grid PNG, an ADM .npz, --bench")
-    p.add_argument("--ckpt", help="ours (with a config) or an official one (then --size)")
-    p.add_argument("--size", choices=list(emigm.EMIGM_models), help="official checkpoints only")
-    p.add_argument("--img-size", type=int, choices=[256, 512], help="official checkpoints only")
+    """The flags; sampler settings left out (None) come from the preset
+    of the model's size and K."""
+    p = argparse.ArgumentParser(
+        description="eMIGM sampling: a grid PNG, an ADM .npz, --bench")
+    p.add_argument("--ckpt",
+                   help="ours (with a config) or an official one (then --size)")
+    p.add_argument("--size", choices=list(emigm.EMIGM_models),
+                   help="official checkpoints only")
+    p.add_argument("--img-size", type=int, choices=[256, 512],
+                   help="official checkpoints only")
     p.add_argument("--nfe", dest="num_iter", type=positive_int, default=16,
-                   help="K, the steps ('128 x 1.4' is K = 128). Presets: 16, 128; 512 px: 16, 64")
+                   help="K, the steps ('128 x 1.4' is K = 128). "
+                        "Presets: 16, 128; 512 px: 16, 64")
     p.add_argument("--cfg", type=guidance_scale, help=">= 1 (preset: 4.0)")
     p.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="preset: constant")
     p.add_argument("--cfg-interval", type=unit_interval, nargs=2, metavar=("T_MIN", "T_MAX"),
                    help="CFG iff T_MIN < s <= T_MAX, s the step's next time")
-    p.add_argument("--mask-schedule", choices=list(emigm.SCHEDULES), help="default: the model's")
+    p.add_argument("--mask-schedule", choices=list(emigm.SCHEDULES),
+                   help="default: the model's")
     p.add_argument("--head-sampler", default="dpm-solver", choices=list(HEAD_SAMPLERS))
-    p.add_argument("--head-steps", type=positive_int, help="presets: 8 (K=16), 14; ddpm: 100")
+    p.add_argument("--head-steps", type=positive_int,
+                   help="presets: 8 (K=16), 14; ddpm: 100")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="ddpm only")
-    p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
-    p.add_argument("--tokenizer", choices=["kl16", "dcae", "pixel"], help="default: the model's")
+    p.add_argument("--no-ema", action="store_true",
+                   help="the raw weights instead of the EMA")
+    p.add_argument("--tokenizer", choices=["kl16", "dcae", "pixel"],
+                   help="default: the model's")
     p.add_argument("--vae", help="kl16.ckpt or the DC-AE diffusers directory")
     p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
-    p.add_argument("--classes", type=nonnegative_int, nargs="+", help="grid rows (default: DiT's 8)")
-    p.add_argument("--per-class", type=positive_int, default=8, help="--inpaint: grid columns")
-    p.add_argument("--unconditional", action="store_true", help="no labels, no CFG (any model)")
-    p.add_argument("--inpaint", help="images.npz (ADM: arr_0 uint8 (N, H, W, C)) or 'fashion-mnist'")
-    p.add_argument("--region", help="--inpaint: bottom (default), top, left, right, center, border")
-    p.add_argument("--mask-image", help="--inpaint's unknown area: a PNG's white pixels")
-    p.add_argument("--grid", default="samples.png", help="the grid PNG, in an existing folder")
-    p.add_argument("--num-images", type=positive_int, help="bulk mode: OUT/samples.npz; --inpaint: N")
+    p.add_argument("--classes", type=nonnegative_int, nargs="+",
+                   help="grid rows (default: DiT's 8)")
+    p.add_argument("--per-class", type=positive_int, default=8,
+                   help="--inpaint: grid columns")
+    p.add_argument("--unconditional", action="store_true",
+                   help="no labels, no CFG (any model)")
+    p.add_argument("--inpaint",
+                   help="images.npz (ADM: arr_0 uint8 (N, H, W, C)) or 'fashion-mnist'")
+    p.add_argument("--region",
+                   help="--inpaint: bottom (default), top, left, right, center, border")
+    p.add_argument("--mask-image",
+                   help="--inpaint's unknown area: a PNG's white pixels")
+    p.add_argument("--grid", default="samples.png",
+                   help="the grid PNG, in an existing folder")
+    p.add_argument("--num-images", type=positive_int,
+                   help="bulk mode: OUT/samples.npz; --inpaint: N")
     p.add_argument("--out", help="bulk mode folder")
     p.add_argument("--fid-ref", help="reference stats for fid.py, or 'fashion-mnist'")
     p.add_argument("--inception", help="Inception weights for --fid-ref")
-    p.add_argument("--bench", action="store_true", help="time the sampler on random XS weights")
+    p.add_argument("--bench", action="store_true",
+                   help="time the sampler on random XS weights")
     p.add_argument("--bench-k", type=int, nargs="+", default=[16, 128], choices=[16, 128])
     p.add_argument("--bench-batches", type=positive_int, nargs="+", default=[1, 16, 64])
     return p
@@ -443,12 +580,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.bench:
-            import bench  # the benchmarks of train.py and sample.py live in bench.py
+            # the benchmarks of train.py and sample.py live in bench.py
+            import bench
             bench.sampling(args.bench_k, args.bench_batches)
         else:
             run(args)
     except (ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
+        message = " ".join(str(error).split())
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 if __name__ == "__main__":
     main()
