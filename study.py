@@ -27,7 +27,8 @@ BUDGET (CPU seconds of one core, measured on the shared 2-core machine):
   Fig. 2: 24 checkpoints x 2 seeds x 400 images x 46 ms (K = 16, cfg every step) = 880 s
   Fig. 3, an image and seed: 3a 3 x (4 + 8 + 16 + 32 + 49) steps x 2.8 ms = 0.9 s, 3b
     DDPM's 100 head steps 0.45 s + 0.3 s, 3c 0.15 s: 1.8 s x 2 seeds x 300 = 1080 s
-  sampling runs on 2 threads (1.7x); metric classifier once 60 s: ~50 minutes in all.
+  sampling runs on 2 threads (1.7x); metric classifier once 60 s: ~50 minutes in all
+  (measured 2026-11-28: 60 minutes on the 2-core machine with other jobs beside it).
 """
 import argparse
 import csv
