@@ -4,9 +4,11 @@ Each prints its time beside the FLOPs it counted and the share of this process's
 figures from a shared or noisy machine can still be compared (ratios, not seconds). Run:
 
     python bench.py train --size XS        # = python train.py --bench --size XS
+    python bench.py train-memory --size XS # memory: checkpointing, accumulation
     python bench.py sample                 # = python sample.py --bench
 """
 import argparse
+import multiprocessing
 import time
 
 import torch
@@ -35,49 +37,99 @@ def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
 
 
 # ==== A training step (train.py --bench) ====
-def training(args):
-    """train.py --bench: the training loop's own step (forward, backward, clipping, AdamW, EMA) of
-    --size on random tokens, timed (median of BENCH_STEPS), and its FLOPs counted by torch."""
+def training(args, steps=BENCH_STEPS, count_flops=True):
+    """train.py --bench: the training loop's own step (forward, backward, clipping, AdamW,
+    EMA) of --size on random tokens, timed (median of `steps`), and its FLOPs counted by
+    torch; with --precision, --accum-steps, --grad-checkpointing.
+    -> dict(seconds=, cpu_seconds=, peak_gb=)"""
     device = cli.setup_distributed().device
     torch.manual_seed(args.seed)
     lr = 1e-4 if args.lr is None else args.lr
     batch_size = 8 if args.global_batch_size is None else args.global_batch_size
+    if batch_size % args.accum_steps:
+        raise ValueError(f"--accum-steps {args.accum_steps} does not divide the batch "
+                         f"{batch_size}: pass a divisor")
+    precision = args.precision
+    if precision is None:  # train.py's default
+        precision = "bf16" if device.type == "cuda" else "fp32"
     model = train.build_model(args.size, args.img_size, train.model_overrides(args), device)
-    bf16 = device.type == "cuda" and not args.fp32
-    training = train.Training(model, lr, args.weight_decay, args.grad_clip, args.ema_decay, bf16)
+    training = train.Training(model, lr, args.weight_decay, args.grad_clip, args.ema_decay,
+                              precision, accum_steps=args.accum_steps,
+                              grad_checkpointing=args.grad_checkpointing)
     tokens = torch.randn(batch_size, model.seq_len, model.token_channels, device=device)
     labels = torch.arange(batch_size, device=device) % model.num_classes
     for _ in range(2):  # warm-up
         training.step(tokens, labels)
     torch.manual_seed(args.seed)
     times = []
-    for _ in range(BENCH_STEPS):
+    cpu_times = []
+    for _ in range(steps):
         start = time.perf_counter()
+        cpu = time.process_time()
         training.step(tokens, labels)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    seconds = sorted(times)[BENCH_STEPS // 2]
+        cpu_times.append(time.process_time() - cpu)
+    seconds = sorted(times)[steps // 2]
+    cpu_seconds = sorted(cpu_times)[steps // 2]
+    # the steps' peak, before the FLOP count (its math attention keeps (B, H, N, N))
+    peak_gb = cli.peak_memory_gb(device)
+    setting = (f"{precision}, {args.accum_steps} micro-batch(es)"
+               f"{', grad checkpointing' if args.grad_checkpointing else ''}")
+    print(f"eMIGM-{args.size}, {model.seq_len} tokens x {model.token_channels} ch, batch "
+          f"{batch_size}, {device}, {torch.get_num_threads()} threads, {setting}: step "
+          f"{seconds:.3f} s ({cpu_seconds:.3f} CPU-s, median of {steps}), "
+          f"{batch_size / seconds:.1f} images/s, peak memory {peak_gb:.2f} GB", flush=True)
+    result = dict(seconds=seconds, cpu_seconds=cpu_seconds, peak_gb=peak_gb)
+    if not count_flops:
+        return result
     torch.manual_seed(args.seed)  # the same masks, so the same shapes, as timed
     with flop_counter.FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        for _ in range(BENCH_STEPS):  # attention as matmuls, which torch counts
+        for _ in range(steps):  # attention as matmuls, which torch counts
             training.step(tokens, labels)
     peak = matmul_peak_flops(device)
-    achieved = counter.get_total_flops() / BENCH_STEPS / seconds
-    print(f"eMIGM-{args.size}, {model.seq_len} tokens x {model.token_channels} ch, batch "
-          f"{batch_size}, {device}, {torch.get_num_threads()} threads: step "
-          f"{seconds:.3f} s (median of {BENCH_STEPS}), {batch_size / seconds:.1f} "
-          f"images/s, peak memory {cli.peak_memory_gb(device):.2f} GB, "
-          f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of the fp32 matmul "
-          f"peak ({peak / 1e9:.1f} GFLOP/s)")
+    achieved = counter.get_total_flops() / steps / seconds  # recomputed blocks count too
+    print(f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of the fp32 matmul peak "
+          f"({peak / 1e9:.1f} GFLOP/s)")
+    return result
+
+# train.py --bench flags of each row of the memory table (same global batch)
+MEMORY_VARIANTS = {"baseline": [], "--grad-checkpointing": ["--grad-checkpointing"],
+                   "--accum-steps 2": ["--accum-steps", "2"],
+                   "--accum-steps 4": ["--accum-steps", "4"]}
+
+def training_in_child(flags):  # runs in a fresh process: its peak RSS is its own
+    args = train.build_parser().parse_args(["--bench", *flags])
+    return training(args, steps=3, count_flops=False)
+
+def training_memory(flags):
+    """Peak memory (RSS on CPU) and step time of train.py --bench with `flags`: as is, with
+    --grad-checkpointing, with --accum-steps 2 and 4; each in a fresh process. One table."""
+    for variant in MEMORY_VARIANTS.values():  # bad flags: exit 2 here, before any child
+        train.build_parser().parse_args(["--bench", *flags, *variant])
+    rows = {}
+    for name, variant in MEMORY_VARIANTS.items():
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            rows[name] = pool.apply(training_in_child, ([*flags, *variant],))
+    base = rows["baseline"]
+    print(f"train.py --bench {' '.join(flags)}, each in a fresh process:")
+    print(f"{'variant':22s} {'peak GB':>8s} {'saved':>6s} {'step CPU-s':>10s} {'step s':>7s}")
+    for name, row in rows.items():
+        saved = 1 - row["peak_gb"] / base["peak_gb"]
+        print(f"{name:22s} {row['peak_gb']:8.2f} {saved:6.0%} {row['cpu_seconds']:10.2f} "
+              f"{row['seconds']:7.2f}")
 
 
 # ==== The sampler (sample.py --bench) ====
 def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64)):
     """s/image and share of the fp32 matmul peak per K and batch; at the first batch size, CFG on
-    the interval / every step and K = 128 / 16 beside NFE. CPU time: jobs disturb it less."""
+    the interval / every step and K = 128 / 16 beside NFE. CPU time: jobs disturb it less;
+    on a GPU (bf16, as sample.py) the synchronized wall time."""
+    device = cli.setup_distributed().device
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     torch.manual_seed(0)
-    model = emigm.EMIGM_models["XS"]().eval()
+    model = emigm.EMIGM_models["XS"]().eval().to(device)
     presets = sample.PRESETS["XS", 256]
     flops = []  # forward hooks count exactly what runs (attention: q k^T and attn v)
     for module in model.modules():
@@ -86,9 +138,11 @@ def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64)):
                 lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
         elif isinstance(module, emigm.Attention):
             module.register_forward_hook(lambda m, i, o: flops.append(4 * o.numel() * o.shape[1]))
-    peak = matmul_peak_flops(torch.device("cpu"), clock=time.process_time, repeats=5)
+    peak = matmul_peak_flops(device, clock=clock, repeats=5)
     threads = torch.get_num_threads()
-    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP per CPU-second ({threads} threads)")
+    unit = "CPU-s" if device.type == "cpu" else "GPU-s"
+    print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP per {unit} ({device}, {threads} "
+          f"threads)")
     b = bench_batches[0]
     every_step = (16, b, (0.0, 1.0))
     runs = [(2, 1, (0.1, 0.3))]  # a warm-up, then every K and batch, then CFG on every step
@@ -97,18 +151,23 @@ def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64)):
     results = {}  # (K, batch, interval) -> (CPU seconds, NFE, FLOPs)
     for k, batch, interval in runs:
         flops.clear()
-        cpu = time.process_time()
+        cpu = clock()
         wall = time.perf_counter()
         head_steps = presets[16 if k <= 16 else 128]["head_steps"]
-        sample.sample_tokens(model, torch.arange(batch), k, 4.0, "constant", interval, "dpm-solver",
-                             head_steps, generator=torch.Generator().manual_seed(0))
-        cpu = time.process_time() - cpu
+        labels = torch.arange(batch, device=device)
+        generator = torch.Generator(device).manual_seed(0)
+        sample.sample_tokens(model, labels, k, 4.0, "constant", interval, "dpm-solver",
+                             head_steps, generator=generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        cpu = clock() - cpu
         wall = time.perf_counter() - wall
         f = sample.nfe(k, 4.0, interval)[1]
         results[k, batch, interval] = (cpu, k * f, sum(flops))
         print(f"K={k:3d} NFE = {k} x {f:.4f} (interval {interval}), batch {batch:2d}: "
-              f"{wall / batch:.3f} s/image wall, {cpu / batch:.3f} CPU-s/image, {sum(flops) / 1e12:.3f} "
-              f"TFLOP, {sum(flops) / cpu / peak:.0%} of the matmul peak", flush=True)
+              f"{wall / batch:.3f} s/image wall, {cpu / batch:.3f} {unit}/image, "
+              f"{sum(flops) / 1e12:.3f} TFLOP, {sum(flops) / cpu / peak:.0%} of the matmul peak",
+              flush=True)
     k16 = (16, b, presets[16]["cfg_interval"])
     k128 = (128, b, presets[128]["cfg_interval"])
     checks = {"CFG interval / on every step": (k16, every_step), "K=128 / K=16": (k128, k16)}
@@ -127,9 +186,17 @@ def main(argv=None):
     sampler.add_argument("--bench-batches", type=cli.positive_int, nargs="+", default=[1, 16, 64])
     commands.add_parser("train", help="a training step of train.py: the flags of train.py --bench",
                         add_help=False)
+    commands.add_parser("train-memory", add_help=False,
+                        help="train: peak memory with checkpointing, accumulation")
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":  # train.py parses and checks its own flags
         train.main(["--bench", *rest])
+        return
+    if args.command == "train-memory":
+        try:
+            training_memory(rest)
+        except ValueError as error:
+            parser.exit(2, f"{parser.prog}: error: {' '.join(str(error).split())}\n")
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

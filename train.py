@@ -21,12 +21,14 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
@@ -84,46 +86,96 @@ def lr_at(step, lr, warmup_steps, total_steps, schedule="constant"):
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
+def checkpoint_blocks(model):
+    """--grad-checkpointing (official): each block recomputes its activations in
+    backward, from its forward's RNG state (same dropout); the same state_dict keys."""
+    for block in [*model.encoder_blocks, *model.decoder_blocks]:
+        # the instance's attribute wins over Block.forward
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
 class Training:
     """The model, its EMA copy (DiT) and AdamW; step() is one step of the recipe."""
 
     def __init__(self, model, lr, weight_decay, grad_clip=3.0, ema_decay=0.9999,
-                 bf16=False, ddp=False):
+                 precision="fp32", ddp=False, accum_steps=1,
+                 grad_checkpointing=False):
         self.model = model
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()  # from the init
         groups = param_groups(model, weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
         self.train_model = model  # or its DistributedDataParallel wrapper
+        device = next(model.parameters()).device
         if ddp:
-            device = next(model.parameters()).device
             self.train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None)
+        if grad_checkpointing:  # after the EMA copy
+            checkpoint_blocks(model)
         self.params = list(model.parameters())
         self.ema_params = list(self.ema.parameters())
         self.max_norm = grad_clip if grad_clip > 0 else math.inf  # 0: no clipping
         self.ema_decay = ema_decay
-        self.bf16 = bf16  # autocast on CUDA; else fp32
+        self.accum_steps = accum_steps
+        # one autocast context (nanoGPT); fp16: GradScaler (official)
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        self.autocast = torch.autocast(device.type, dtype, enabled=precision != "fp32")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     def step(self, tokens, labels, step=0):
-        """tokens (B, L, C), labels (B,) -> dict(loss=, grad_norm=)"""
-        with torch.autocast("cuda", torch.bfloat16) if self.bf16 else nullcontext():
-            loss = self.train_model(tokens, labels)  # the loss of Sec. 3
+        """tokens (B, L, C), labels (B,) -> dict(loss=, grad_norm=, skipped=)"""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self.forward_backward(tokens, labels)
+        self.scaler.unscale_(self.optimizer)  # fp16: clip true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
-        stats = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
-        if not all(math.isfinite(value) for value in stats):
+        stats = torch.stack([loss.float(), grad_norm.float()]).tolist()
+        # fp16: inf/nan gradients skip the update, halve the loss scale
+        skipped = self.scaler.is_enabled() and not math.isfinite(stats[1])
+        if not math.isfinite(stats[0]) or not (math.isfinite(stats[1]) or skipped):
             raise ValueError(f"non-finite loss {stats[0]} at step {step + 1}: stopped "
                              f"before the update; lower --lr or --blr")
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         with torch.no_grad():  # ema = decay x ema + (1 - decay) x weights
             torch._foreach_mul_(self.ema_params, self.ema_decay)
             torch._foreach_add_(self.ema_params, self.params, alpha=1 - self.ema_decay)
-        return dict(loss=stats[0], grad_norm=stats[1])
+        return dict(loss=stats[0], grad_norm=stats[1], skipped=skipped)
+
+    def forward_backward(self, tokens, labels, mask=None, t=None):
+        """The loss (Sec. 3) and its gradients in accum_steps micro-batches -> loss.
+        One mask and t for the batch, as EMIGM.forward draws them (one t per batch);
+        the dropouts and the head draw per micro-batch."""
+        B, L, C = tokens.shape
+        size = B // self.accum_steps
+        m = self.model
+        device = tokens.device
+        if mask is None and size < B and m.per_row_masking:
+            mask, t = emigm.sample_mask_per_row(B, L, m.mask_schedule, device=device)
+        elif mask is None and size < B:
+            mask, t = emigm.sample_mask(B, L, m.mask_schedule, m.t_min, device=device)
+        loss = 0
+        for start in range(0, B, size):
+            rows = slice(start, start + size)
+            fixed = {}  # the model draws them
+            share = 1.0
+            if mask is not None:
+                row_t = t[rows] if torch.is_tensor(t) else t  # per row: (B,)
+                fixed = dict(mask=mask[rows], t=row_t)
+                # a mean over its masked tokens times their share: the batch's
+                # mean, also if rows mask different counts (per-row masking)
+                share = int(mask[rows].sum()) / max(int(mask.sum()), 1)
+            # DDP: all-reduce in the last backward only
+            inner = start + size < B and isinstance(self.train_model, DDP)
+            with self.train_model.no_sync() if inner else nullcontext():
+                with self.autocast:
+                    micro = self.train_model(tokens[rows], labels[rows], **fixed)
+                self.scaler.scale(micro * share).backward()
+            loss = loss + share * micro.detach()
+        return loss
 
     def load_state_dict(self, checkpoint):  # weights, EMA and AdamW of a checkpoint
         self.model.load_state_dict(checkpoint["model"])
         self.ema.load_state_dict(checkpoint["ema"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):  # fp16's loss scale ({}: not fp16)
+            self.scaler.load_state_dict(checkpoint["scaler"])
 
 
 # ---- Data: (x, label) batches, and to_tokens(x) ----
@@ -240,6 +292,7 @@ def save_checkpoint(name, training, step, epoch, args, ddp):
     if ddp.rank == 0:
         checkpoint = dict(model=training.model.state_dict(), ema=training.ema.state_dict(),
                           optimizer=training.optimizer.state_dict(), step=step,
+                          scaler=training.scaler.state_dict(),
                           epoch=epoch, args=vars(args), config=training.model.config,
                           rng=rng_states)  # plain data: loads with weights_only=True
         temporary = Path(args.results_dir) / (name + ".tmp")
@@ -328,6 +381,9 @@ def train_loop(args, training, data, loader, ddp, logger, metric, step, total_st
                 group["lr"] = lr
             tokens = data.to_tokens(x, ddp.device)  # (B, L, C)
             stats = training.step(tokens, labels.to(ddp.device), step)
+            if stats["skipped"]:  # fp16 overflow: grad norm 0 in the mean
+                logger.info(f"step {step + 1}: fp16 overflow, update skipped")
+                stats["grad_norm"] = 0.0
             sums += torch.tensor([stats["loss"], stats["grad_norm"], 1], dtype=torch.float64)
             step += 1
             bar.update(1)
@@ -372,9 +428,9 @@ def run(args):
     # Create model: the same initial weights on every rank, whatever the world size
     torch.manual_seed(args.seed)
     model = build_model(args.size, args.img_size, overrides, ddp.device)
-    bf16 = ddp.device.type == "cuda" and not args.fp32
     training = Training(model, args.lr, args.weight_decay, args.grad_clip, args.ema_decay,
-                        bf16, ddp=ddp.world_size > 1)
+                        args.precision, ddp.world_size > 1, args.accum_steps,
+                        args.grad_checkpointing)
 
     # Setup data (sets in memory or memory-mapped load in the main process):
     data = build_data(args, model, ddp.device)
@@ -400,9 +456,10 @@ def run(args):
         restore_rng(checkpoint["rng"], ddp, logger)
     num_params = sum(p.numel() for p in model.parameters())
     logger.info(f"eMIGM-{args.size}: {num_params:,} parameters, {len(data.dataset):,} "
-                f"examples, {ddp.world_size} process(es) on {ddp.device}, global batch "
-                f"{args.global_batch_size}, lr {args.lr:.3g}, {total_steps} steps "
-                f"({len(loader)} per epoch), starting at step {step}")
+                f"examples, {ddp.world_size} process(es) on {ddp.device}, {args.precision}, "
+                f"global batch {args.global_batch_size} ({args.accum_steps} micro-batch(es) of "
+                f"{batch_size // args.accum_steps} per process), lr {args.lr:.3g}, "
+                f"{total_steps} steps ({len(loader)} per epoch), starting at step {step}")
 
     result = train_loop(args, training, data, loader, ddp, logger, metric, step, total_steps)
     if metric is not None and "accuracy" in result:
@@ -427,6 +484,12 @@ def check_args(args, world_size):
     if args.global_batch_size % world_size:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible "
                          f"by the {world_size} processes: pass a multiple")
+    per_process = args.global_batch_size // world_size
+    if per_process % args.accum_steps:
+        raise ValueError(f"--accum-steps {args.accum_steps} does not divide the "
+                         f"{per_process} examples per process: pass a divisor")
+    if args.precision is None:  # ours: bf16 on GPUs
+        args.precision = "bf16" if torch.cuda.is_available() else "fp32"
     if not args.cfg_interval[0] < args.cfg_interval[1]:
         raise ValueError(f"--cfg-interval {args.cfg_interval}: pass T_MIN < T_MAX")
     if args.t_min == 1:
@@ -507,7 +570,10 @@ def build_parser(argv=None):
     p.add_argument("--weight-decay", type=nonnegative_float, default=0.02)
     p.add_argument("--grad-clip", type=nonnegative_float, default=3.0, help="0: none")
     p.add_argument("--ema-decay", type=unit_interval, default=0.9999)
-    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="default: bf16 on CUDA, fp32 on CPU (others slow there)")
+    p.add_argument("--accum-steps", type=positive_int, default=1, help="micro-batches")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute in backward")
     p.add_argument("--seed", type=nonnegative_int, default=1, help="rank r: seed + r")
     # the model (None: the preset's value, the paper's)
     p.add_argument("--mask-schedule", choices=list(emigm.SCHEDULES), help="Fig. 2a")
