@@ -115,9 +115,10 @@ def nfe(num_iter, cfg, cfg_interval, t0=1.0):
 @torch.no_grad()
 def predict_revealed(model, tokens, mask, reveal, class_emb, *, cfg=1.0, guided=False,
                      head_sampler="dpm-solver", head_steps=8, temperature=1.0,
-                     generator=None, noise=None):
+                     generator=None, noise=None, precision=None):
     """One step of Sec. 3: the transformer on tokens (B, L, C), mask (B, L), class_emb (B, D);
-    the head on the tokens of reveal (B, L), from noise (n, C) (None: drawn).
+    the head on the tokens of reveal (B, L), from noise (n, C) (None: drawn). precision: the
+    transformer's autocast, None: bf16 on GPUs (the official code: fp16), fp32 on CPU.
     -> the new tokens (B, L, C)."""
     B, L, C = tokens.shape
     # CFG with mask (Fig. 2e): [cond; uncond] rows of the same input,
@@ -130,8 +131,10 @@ def predict_revealed(model, tokens, mask, reveal, class_emb, *, cfg=1.0, guided=
         x = torch.cat([tokens, tokens])  # (2B, L, C)
         m = torch.cat([mask, mask])  # (2B, L)
         c = torch.cat([class_emb, fake])  # (2B, D)
-    # GPUs: bf16 autocast (the official code: fp16)
-    with torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda):
+    if precision is None:
+        precision = "bf16" if x.is_cuda else "fp32"
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    with torch.autocast(x.device.type, dtype, enabled=precision != "fp32"):
         encoded = model.forward_encoder(x, m, c)
         z = model.forward_decoder(encoded, m)  # (B or 2B, L, D)
     # the head's conditions: the tokens revealed now, row-major as the official z[mask_to_pred]
@@ -162,7 +165,7 @@ def is_unconditional(model):
 def sample_tokens(model, labels=None, num_iter=16, cfg=4.0, cfg_schedule="constant",
                   cfg_interval=(0.1, 0.3), head_sampler="dpm-solver", head_steps=8,
                   temperature=1.0, generator=None, mask_schedule=None, *,
-                  num_images=None, known=None):
+                  num_images=None, known=None, precision=None):
     """labels (B,) -> tokens (B, L, C) in K = num_iter steps (Sec. 3). mask_schedule:
     the gamma_t of the reveals (Fig. 3a), None: the model's. All randomness from `generator`.
     labels None: the official path without classes, num_images (or known's) rows.
@@ -211,7 +214,7 @@ def sample_tokens(model, labels=None, num_iter=16, cfg=4.0, cfg_schedule="consta
             x = predict_revealed(model, x, mask, reveal, class_emb[rows], cfg=scale,
                                  guided=guided[k], head_sampler=head_sampler,
                                  head_steps=head_steps, temperature=temperature,
-                                 generator=generator)  # (b, L, C)
+                                 generator=generator, precision=precision)  # (b, L, C)
             mask = mask & ~reveal
         tokens[rows] = x
     return tokens
@@ -251,7 +254,8 @@ def preset_size(config):
     return "custom", None
 
 def settings(model, num_iter, head_sampler="dpm-solver", head_steps=None, cfg=None,
-             cfg_schedule=None, cfg_interval=None, temperature=1.0, mask_schedule=None):
+             cfg_schedule=None, cfg_interval=None, temperature=1.0, mask_schedule=None,
+             precision=None):
     """sample_tokens' keyword arguments: those given, the others (None) from the preset
     of the model's size and K."""
     if head_sampler == "ddpm" and head_steps is None:
@@ -268,7 +272,7 @@ def settings(model, num_iter, head_sampler="dpm-solver", head_steps=None, cfg=No
             given[name] = preset[name]
     given["cfg_interval"] = tuple(given["cfg_interval"])
     return dict(num_iter=num_iter, head_sampler=head_sampler, temperature=temperature,
-                mask_schedule=mask_schedule, **given)
+                mask_schedule=mask_schedule, precision=precision, **given)
 
 # ==== Checkpoints, grids and the bulk .npz (DiT's sample.py and sample_ddp.py) ====
 # (L, C) of the tokens -> (tokenizer, image pixels)
@@ -488,7 +492,7 @@ def run(args):
     sampler_kwargs = settings(model, args.num_iter, args.head_sampler,
                               args.head_steps, args.cfg, args.cfg_schedule,
                               args.cfg_interval, args.temperature,
-                              args.mask_schedule)
+                              args.mask_schedule, args.precision)
     vae = args.vae if args.vae is not None else flags.get("vae")
     tok = tokenizer.load_tokenizer(data["tokenizer"], vae, patch=data["patch"],
                                    img_size=data["img_size"],
@@ -543,6 +547,8 @@ def build_parser():
     p.add_argument("--head-steps", type=positive_int,
                    help="presets: 8 (K=16), 14; ddpm: 100")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="ddpm only")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="the transformer's autocast (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--no-ema", action="store_true",
                    help="the raw weights instead of the EMA")
     p.add_argument("--tokenizer", choices=["kl16", "dcae", "pixel"],

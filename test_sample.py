@@ -136,7 +136,7 @@ def test_presets_are_the_papers():
         xs = emigm.create_emigm("XS")
         b = emigm.create_emigm("B")
     assert sample.settings(xs, 128) == dict(num_iter=128, head_sampler="dpm-solver", temperature=1.0,
-                                            mask_schedule=None, head_steps=14, cfg=4.0,
+                                            mask_schedule=None, precision=None, head_steps=14, cfg=4.0,
                                             cfg_schedule="constant", cfg_interval=(0.18, 0.6))
     assert sample.settings(b, 128, cfg=2.0)["cfg_interval"] == (0.05, 0.4)
     assert sample.settings(b, 128, cfg=2.0)["cfg"] == 2.0
@@ -501,3 +501,25 @@ def test_seeds_give_different_samples_on_cpu(tiny, tmp_path):
         grids.append(path.read_bytes())
     assert grids[0] != grids[1]
     assert grids[0] == grids[2]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_precision_autocasts_the_transformer(tiny, monkeypatch, precision):
+    """--precision: the transformer's matmuls run in bf16 / fp16 (seen by a hook), the head and the
+    tokens stay fp32, and the samples stay close to fp32's (same seed: the low-precision rounding only)."""
+    dtypes = []
+    fc1 = tiny.decoder_blocks[0].mlp.fc1
+    hook = fc1.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    kwargs = dict(num_iter=4, cfg=2.0, cfg_interval=(0.0, 1.0), head_steps=4)
+    labels = torch.arange(4) % tiny.num_classes
+    try:
+        fp32 = sample.sample_tokens(tiny, labels, generator=torch.Generator().manual_seed(0), **kwargs)
+        low = sample.sample_tokens(tiny, labels, generator=torch.Generator().manual_seed(0),
+                                   precision=precision, **kwargs)
+    finally:
+        hook.remove()
+    expected = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert dtypes[0] == torch.float32 and set(dtypes[len(dtypes) // 2:]) == {expected}
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    # the same draws: any difference is rounding, far below the tokens' spread
+    assert (low - fp32).abs().mean() <= 0.1 * fp32.std()
