@@ -1,7 +1,8 @@
-"""Tests of train.py: the recipe's pieces against closed forms (lr warmup, EMA, clipping, weight-
-decay groups, label dropout), DDP on 2 gloo processes, exact resume, plain-data checkpoints, one-
-line errors for bad flags, the demo path and the benchmark. Tiny configs on random tokens, fp32 on
-CPU."""
+"""Tests of train.py: the recipe's pieces against closed forms (lr warmup, EMA,
+clipping, weight-decay groups, label dropout), DDP on 2 gloo processes, exact resume,
+plain-data checkpoints (their "data" entry), one-line errors for bad flags, the demo path
+and the benchmark. Tiny configs on random tokens, fp32 on CPU. Own image folders:
+test_data.py."""
 import gzip
 import hashlib
 import math
@@ -114,8 +115,11 @@ def test_checkpoint_is_plain_data(straight):
     assert checkpoint["step"] == 6 and checkpoint["epoch"] == 1.5
     assert checkpoint["args"]["global_batch_size"] == 64
     assert checkpoint["config"] == training.model.config
+    assert checkpoint["data"] == dict(tokenizer=None, img_size=256, patch=None, channels=None,
+                                      class_names=None)  # random tokens: no images
     rebuilt = emigm.EMIGM(**checkpoint["config"])
-    emigm.load_weights(rebuilt, checkpoint)  # what sample.py does: EMA weights into a model of the config
+    # what sample.py does: EMA weights into a model of the config
+    emigm.load_weights(rebuilt, checkpoint)
     assert not (out / "last.pt.tmp").exists()  # written to a temporary file, then renamed
 
 
@@ -161,9 +165,11 @@ def test_weight_decay_groups_by_name():
     decay = {names[id(param)] for param in decay_group["params"]}
     no_decay = {names[id(param)] for param in no_decay_group["params"]}
     assert decay | no_decay == set(names.values()) and not decay & no_decay
-    assert {"class_emb.weight", "fake_latent", "encoder_pos_embed_learned", "z_proj.weight",
-            "decoder_pos_embed_learned", "diffusion_pos_embed_learned", "decoder_embed.weight"} <= decay
-    assert {"z_proj.bias", "z_proj_ln.weight", "z_proj_ln.bias", "encoder_norm.weight"} <= no_decay
+    assert {"class_emb.weight", "fake_latent", "encoder_pos_embed_learned",
+            "z_proj.weight", "decoder_pos_embed_learned", "diffusion_pos_embed_learned",
+            "decoder_embed.weight"} <= decay
+    assert {"z_proj.bias", "z_proj_ln.weight", "z_proj_ln.bias",
+            "encoder_norm.weight"} <= no_decay
     exempt = [name for name in names.values() if name.endswith(".bias") or "norm" in name]
     assert set(exempt) <= no_decay
     assert all(name in no_decay for name in names.values() if name.startswith("diffloss."))
@@ -387,6 +393,11 @@ def test_fashion_mnist_demo_path(fashion_folder, tmp_path):
     assert "conditional accuracy" in log and "3x3 blur" in log
     from PIL import Image
     assert Image.open(out / "grid_0000002.png").size == (28, 280)  # a row per class
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+             "Sneaker", "Bag", "Ankle boot"]
+    assert checkpoint["data"] == dict(tokenizer="pixel", img_size=28, patch=7, channels=1,
+                                      class_names=names)
 
 
 def test_bench_runs_the_training_step(capsys, monkeypatch):
