@@ -83,14 +83,14 @@ def test_listing_and_pixels_match_torchvision_and_the_files(tmp_path):
 
 def test_tokens_hold_the_pixels_exactly(tmp_path):
     """A batch through to_tokens (no flips) and back through the tokenizer's decode gives the
-    PNGs' bytes: 8x8 patches of 3 channels, 16 tokens of 192 values."""
+    PNGs' bytes: 4x4 patches of 3 channels, 64 tokens of 48 values."""
     root = class_tree(tmp_path / "tree")
     argv = ["--data-path", str(root), "--no-flip", "--results-dir", str(tmp_path / "out")]
     args = train.check_args(train.build_parser(argv).parse_args(argv), 1)
     train_data = data.build_data(args, data.describe(args), None, "cpu")
     images, labels = train_data.dataset.tensors  # (8, 32, 32, 3) uint8, (8,)
     tokens = train_data.to_tokens(images, "cpu")
-    assert tokens.shape == (8, 16, 192) and labels.tolist() == [0] * 4 + [1] * 4
+    assert tokens.shape == (8, 64, 48) and labels.tolist() == [0] * 4 + [1] * 4
     decoded = (train_data.tokenizer.decode(tokens) + 1) * 127.5  # (8, 3, 32, 32)
     assert torch.equal(decoded.round().byte().permute(0, 2, 3, 1), images)
     assert train_data.labelled["images"].shape == (8, 32, 32, 3)  # the small metric's data
@@ -112,18 +112,18 @@ def test_grey_flat_and_resized_folders(tmp_path):
 
 
 def test_class_folder_trains_and_its_names_survive_a_resume(tmp_path):
-    """A 2-class tree of 32 px RGB PNGs: pixel tokens 8x8 (16 tokens of 192), 2 classes; the
+    """A 2-class tree of 32 px RGB PNGs: pixel tokens 4x4 (64 tokens of 48), 2 classes; the
     checkpoint's data entry; a resume continues with the same names; another folder is refused."""
     root = class_tree(tmp_path / "tree")
     checkpoint = train_main(root, tmp_path / "run", "--max-steps", "2")
-    entry = dict(tokenizer="pixel", img_size=32, patch=8, channels=3, class_names=["bag", "shoe"])
+    entry = dict(tokenizer="pixel", img_size=32, patch=4, channels=3, class_names=["bag", "shoe"])
     assert checkpoint["data"] == entry
     config = checkpoint["config"]
-    assert (config["seq_len"], config["token_channels"], config["num_classes"]) == (16, 192, 2)
+    assert (config["seq_len"], config["token_channels"], config["num_classes"]) == (64, 48, 2)
     assert config["label_drop_prob"] == 0.1  # conditional: the paper's label dropout
     assert checkpoint["args"]["img_size"] == 32 and checkpoint["step"] == 2
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert "data: 8 images of 2 classes" in log and "8x8 pixel patches (16 tokens of 192)" in log
+    assert "data: 8 images of 2 classes" in log and "4x4 pixel patches (64 tokens of 48)" in log
     assert "conditional accuracy" in log  # the small-data metric, on the folder's labels
     assert Image.open(tmp_path / "run" / "grid_0000002.png").size == (2 * 32, 2 * 32)
     resumed = train_main(root, tmp_path / "run", "--max-steps", "3", "--resume",
@@ -222,6 +222,7 @@ BAD_INPUTS = [
     ("tree", ["--img-size", "128"], "--img-size 128"),
     ("tree", ["--patch", "5"], "--patch 5 does not divide --img-size 32"),
     ("tree", ["--size", "XS"], "--size XS --img-size 32"),
+    ("tree", ["--dataset", "random", "--img-size", "100"], "--img-size 100: 256 or 512"),
     ("tree", ["--resume", "{other_run}/last.pt"],
      "--resume {other_run}/last.pt was trained on the classes ['cat', 'dog']"),
 ]

@@ -93,7 +93,8 @@ def test_resume_is_exact(straight, tmp_path):
     """6 steps straight == 3 steps, stop, resume in the checkpoint's own folder, 3 more: weights,
     EMA and optimizer state bitwise equal."""
     out, training = straight
-    shutil.copy(out / "ckpt_0000003.pt", tmp_path)  # the folder holds that run: --resume continues it
+    # the folder holds that run: --resume continues it
+    shutil.copy(out / "ckpt_0000003.pt", tmp_path)
     resumed = run(tmp_path, "--global-batch-size", "64", "--max-steps", "6", "--lr-schedule",
                   "cosine", "--resume", str(tmp_path / "ckpt_0000003.pt"))
     rows = (tmp_path / "log.csv").read_text().splitlines()[1:]  # a restart at 0 would also match
@@ -376,8 +377,10 @@ def test_batch_not_divisible_by_world_size_through_the_command_line(tmp_path):
     command = [sys.executable, str(HERE / "train.py"), *TINY, "--global-batch-size", "5",
                "--results-dir", str(tmp_path / "out")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    message = "train.py: error: --global-batch-size 5 is not divisible by the 2 processes: pass a multiple"
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [message], result.stderr
+    message = ("train.py: error: --global-batch-size 5 is not divisible by the 2 processes: "
+               "pass a multiple")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines == [message], result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -385,8 +388,9 @@ def test_fashion_mnist_demo_path(fashion_folder, tmp_path):
     """The demo's path end to end on 40 synthetic IDX images: pixel tokens, grid, small-data metric,
     report."""
     out = tmp_path / "out"
-    train.main(["--demo", *TINY[2:], "--dataset", "fashion-mnist", "--data-path", str(fashion_folder),
-                "--patch", "7", "--results-dir", str(out), "--global-batch-size", "8", "--max-steps", "2",
+    train.main(["--demo", *TINY[2:], "--dataset", "fashion-mnist", "--data-path",
+                str(fashion_folder), "--patch", "7", "--results-dir", str(out),
+                "--global-batch-size", "8", "--max-steps", "2",
                 "--eval-samples", "20", "--num-iter", "2", "--grid-per-class", "1",
                 "--metric-cache", str(tmp_path / "metric.pt")])
     log = (out / "log.txt").read_text()

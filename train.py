@@ -48,7 +48,7 @@ DEMO = dict(
     lr_schedule="cosine", max_steps=1300, ema_decay=0.995, sample_every=0,
     ckpt_every=0, num_iter=16, cfg=3.0, cfg_interval=[0.0, 1.0], results_dir="out/demo",
 )
-# Own small images (train.py --data-path DIR, no --vae): pixel tokens of about 16 patches
+# Own small images (train.py --data-path DIR, no --vae): pixel tokens, >= 16 of <= 64 values
 # (data.py), the demo's recipe on the Tiny preset, 1300 steps; flags given win.
 SMALL = dict(
     size="Tiny", img_size=None, patch=None, dropout=0.0, global_batch_size=64, blr=4e-3,
@@ -470,7 +470,7 @@ def build_parser(argv=None):
     p.add_argument("--cached-path", help="the latents of `tokenizer.py cache`")
     p.add_argument("--vae", help="kl16.ckpt: encodes images, decodes grids")
     p.add_argument("--patch", type=positive_int, default=4,
-                   help="pixel patch: Fashion-MNIST 4; own images about 16 tokens")
+                   help="pixel patch: Fashion-MNIST 4; own images >= 16 tokens of <= 64")
     p.add_argument("--num-classes", type=positive_int, help="default: the data's")
     p.add_argument("--unconditional", action="store_true", help="no labels (flat folders too)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
