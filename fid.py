@@ -319,7 +319,7 @@ def open_images(source, batch_size):
     names = [name for name in os.listdir(source) if name.endswith((".png", ".jpg", ".jpeg"))]
     files = sorted(os.path.realpath(os.path.join(source, name)) for name in names)
     if not files:
-        raise ValueError(f"{source}: no .png/.jpg/.jpeg images")
+        raise ValueError(f"{source}: no .png/.jpg/.jpeg images (class folders: data.py --data-path DIR --out X.npz)")
     chunks = (files[i:i + batch_size] for i in range(0, len(files), batch_size))
     # np.stack: the images of one batch have one size
     batches = (np.stack([np.asarray(Image.open(file).convert("RGB")) for file in chunk]) for chunk in chunks)

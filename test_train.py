@@ -1,7 +1,8 @@
-"""Tests of train.py: the recipe's pieces against closed forms (lr warmup, EMA, clipping, weight-
-decay groups, label dropout), DDP on 2 gloo processes, exact resume, plain-data checkpoints, one-
-line errors for bad flags, the demo path and the benchmark. Tiny configs on random tokens, fp32 on
-CPU."""
+"""Tests of train.py: the recipe's pieces against closed forms (lr warmup, EMA,
+clipping, weight-decay groups, label dropout), DDP on 2 gloo processes, exact resume,
+plain-data checkpoints (their "data" entry), one-line errors for bad flags, the demo path
+and the benchmark. Tiny configs on random tokens, fp32 on CPU. Own image folders:
+test_data.py."""
 import gzip
 import hashlib
 import math
@@ -92,7 +93,8 @@ def test_resume_is_exact(straight, tmp_path):
     """6 steps straight == 3 steps, stop, resume in the checkpoint's own folder, 3 more: weights,
     EMA and optimizer state bitwise equal."""
     out, training = straight
-    shutil.copy(out / "ckpt_0000003.pt", tmp_path)  # the folder holds that run: --resume continues it
+    # the folder holds that run: --resume continues it
+    shutil.copy(out / "ckpt_0000003.pt", tmp_path)
     resumed = run(tmp_path, "--global-batch-size", "64", "--max-steps", "6", "--lr-schedule",
                   "cosine", "--resume", str(tmp_path / "ckpt_0000003.pt"))
     rows = (tmp_path / "log.csv").read_text().splitlines()[1:]  # a restart at 0 would also match
@@ -114,8 +116,11 @@ def test_checkpoint_is_plain_data(straight):
     assert checkpoint["step"] == 6 and checkpoint["epoch"] == 1.5
     assert checkpoint["args"]["global_batch_size"] == 64
     assert checkpoint["config"] == training.model.config
+    assert checkpoint["data"] == dict(tokenizer=None, img_size=256, patch=None, channels=None,
+                                      class_names=None)  # random tokens: no images
     rebuilt = emigm.EMIGM(**checkpoint["config"])
-    emigm.load_weights(rebuilt, checkpoint)  # what sample.py does: EMA weights into a model of the config
+    # what sample.py does: EMA weights into a model of the config
+    emigm.load_weights(rebuilt, checkpoint)
     assert not (out / "last.pt.tmp").exists()  # written to a temporary file, then renamed
 
 
@@ -161,9 +166,11 @@ def test_weight_decay_groups_by_name():
     decay = {names[id(param)] for param in decay_group["params"]}
     no_decay = {names[id(param)] for param in no_decay_group["params"]}
     assert decay | no_decay == set(names.values()) and not decay & no_decay
-    assert {"class_emb.weight", "fake_latent", "encoder_pos_embed_learned", "z_proj.weight",
-            "decoder_pos_embed_learned", "diffusion_pos_embed_learned", "decoder_embed.weight"} <= decay
-    assert {"z_proj.bias", "z_proj_ln.weight", "z_proj_ln.bias", "encoder_norm.weight"} <= no_decay
+    assert {"class_emb.weight", "fake_latent", "encoder_pos_embed_learned",
+            "z_proj.weight", "decoder_pos_embed_learned", "diffusion_pos_embed_learned",
+            "decoder_embed.weight"} <= decay
+    assert {"z_proj.bias", "z_proj_ln.weight", "z_proj_ln.bias",
+            "encoder_norm.weight"} <= no_decay
     exempt = [name for name in names.values() if name.endswith(".bias") or "norm" in name]
     assert set(exempt) <= no_decay
     assert all(name in no_decay for name in names.values() if name.startswith("diffloss."))
@@ -370,8 +377,10 @@ def test_batch_not_divisible_by_world_size_through_the_command_line(tmp_path):
     command = [sys.executable, str(HERE / "train.py"), *TINY, "--global-batch-size", "5",
                "--results-dir", str(tmp_path / "out")]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    message = "train.py: error: --global-batch-size 5 is not divisible by the 2 processes: pass a multiple"
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [message], result.stderr
+    message = ("train.py: error: --global-batch-size 5 is not divisible by the 2 processes: "
+               "pass a multiple")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines == [message], result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -379,14 +388,22 @@ def test_fashion_mnist_demo_path(fashion_folder, tmp_path):
     """The demo's path end to end on 40 synthetic IDX images: pixel tokens, grid, small-data metric,
     report."""
     out = tmp_path / "out"
-    train.main(["--demo", *TINY[2:], "--dataset", "fashion-mnist", "--data-path", str(fashion_folder),
-                "--patch", "7", "--results-dir", str(out), "--global-batch-size", "8", "--max-steps", "2",
+    train.main(["--demo", *TINY[2:], "--dataset", "fashion-mnist", "--data-path",
+                str(fashion_folder), "--patch", "7", "--results-dir", str(out),
+                "--global-batch-size", "8", "--max-steps", "2",
                 "--eval-samples", "20", "--num-iter", "2", "--grid-per-class", "1",
                 "--metric-cache", str(tmp_path / "metric.pt")])
     log = (out / "log.txt").read_text()
     assert "conditional accuracy" in log and "3x3 blur" in log
     from PIL import Image
-    assert Image.open(out / "grid_0000002.png").size == (28, 280)  # a row per class
+    # a row per class, named (Fashion-MNIST's names in a left margin)
+    width, height = Image.open(out / "grid_0000002.png").size
+    assert height == 280 and width > 28
+    checkpoint = torch.load(out / "last.pt", weights_only=True)
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+             "Sneaker", "Bag", "Ankle boot"]
+    assert checkpoint["data"] == dict(tokenizer="pixel", img_size=28, patch=7, channels=1,
+                                      class_names=names)
 
 
 def test_bench_runs_the_training_step(capsys, monkeypatch):

@@ -20,7 +20,6 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -29,11 +28,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, TensorDataset
-from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 import cli
+import data
 import emigm
 import sample
 import small_metric
@@ -50,6 +48,13 @@ DEMO = dict(
     diffusion_batch_mul=4, global_batch_size=64, blr=4e-3, warmup_epochs=0.05,
     lr_schedule="cosine", max_steps=1300, ema_decay=0.995, sample_every=0,
     ckpt_every=0, num_iter=16, cfg=3.0, cfg_interval=[0.0, 1.0], results_dir="out/demo",
+)
+# Own small images (train.py --data-path DIR, no --vae): pixel tokens, >= 16 of <= 64 values
+# (data.py), the demo's recipe on the Tiny preset, 1300 steps; flags given win.
+SMALL = dict(
+    size="Tiny", img_size=None, patch=None, dropout=0.0, global_batch_size=64, blr=4e-3,
+    warmup_epochs=0.05, lr_schedule="cosine", max_steps=1300, ema_decay=0.995,
+    sample_every=0, ckpt_every=0, num_iter=16, cfg=3.0, cfg_interval=[0.0, 1.0],
 )
 # EMIGM's arguments that flags override (None: the preset's value, the paper's).
 MODEL_FLAGS = ("width", "depth", "num_heads", "head_depth", "head_width", "buffer_size",
@@ -178,76 +183,16 @@ class Training:
             self.scaler.load_state_dict(checkpoint["scaler"])
 
 
-# ---- Data: (x, label) batches, and to_tokens(x) ----
-@dataclass
-class TrainData:
-    kind: str  # "random", "fashion-mnist", "cached" or "imagefolder"
-    dataset: torch.utils.data.Dataset
-    tokenizer: torch.nn.Module = None  # decodes grids (None: no grids)
-
-    @torch.no_grad()
-    def to_tokens(self, x, device):  # a batch -> tokens (B, L, C)
-        if self.kind == "fashion-mnist":  # uint8 (B, 28, 28) -> [-1, 1] -> patches
-            return self.tokenizer.encode(x.to(device)[:, None].float() / 127.5 - 1)
-        if self.kind == "random" or self.kind == "cached":
-            return x.to(device)
-        # images (B, 3, H, W) in [-1, 1]: a random flip (official), a VAE sample
-        flip = torch.rand(len(x)) < 0.5  # (B,)
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return self.tokenizer.encode(x.to(device))
-
-def build_data(args, model, device):
-    if args.dataset == "random":  # for tests and benchmarks
-        count = max(4 * args.global_batch_size, 256)
-        generator = torch.Generator().manual_seed(args.seed)
-        shape = (count, model.seq_len, model.token_channels)
-        tokens = torch.randn(shape, generator=generator)
-        labels = torch.randint(model.num_classes, (count,), generator=generator)
-        return TrainData("random", TensorDataset(tokens, labels))
-    if args.dataset == "fashion-mnist":  # pixel tokens: no VAE
-        images, labels = tokenizer.load_fashion_mnist("train", args.data_path)  # (N, 28, 28)
-        pixels = tokenizer.PixelTokenizer(patch=args.patch, img_size=28, in_channels=1)
-        return TrainData("fashion-mnist", TensorDataset(images, labels), pixels.to(device))
-    if args.dataset == "cached":  # flips, posterior samples: the global RNG
-        dataset = tokenizer.CachedLatents(args.cached_path)
-        if dataset.kind != ("dcae" if args.img_size == 512 else "kl16"):
-            raise ValueError(f"--cached-path {args.cached_path} holds {dataset.kind} "
-                             f"latents: pass the other --img-size")
-        if args.vae is None:
-            return TrainData("cached", dataset)
-        decoder = tokenizer.load_tokenizer(dataset.kind, args.vae)  # for grids only
-        return TrainData("cached", dataset, decoder.to(device).eval())
-    kl16 = tokenizer.load_tokenizer("kl16", args.vae).to(device).eval()
-    images = tokenizer.ImageFolder(args.data_path, args.img_size)
-    return TrainData("imagefolder", images, kl16)
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start mid-epoch."""
-    start = 0
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.start, None)
-
-def make_loader(dataset, batch_size, ddp, seed, num_workers):
-    sampler = ResumableSampler(dataset, ddp.world_size, ddp.rank, seed=seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size, sampler=sampler, drop_last=True,
-                        num_workers=num_workers, pin_memory=ddp.device.type == "cuda",
-                        generator=torch.Generator())  # its own: not the global RNG
-    if len(loader) == 0:
-        raise ValueError(f"--global-batch-size {batch_size * ddp.world_size} is more than "
-                         f"the {len(dataset)} examples: pass a smaller one")
-    return loader
-
-
 # ---- Evaluation with sample.py: a grid and the small-data metric ----
 def evaluate(ema, tok, sampler_kwargs, grid_path, seed, per_class=8, metric=None,
-             num_samples=1000, log=print):
-    """The EMA model's grid and, given a small_metric.SmallDataMetric, its value on
-    balanced classes -> dict(grid=path, frechet=, ...). Not the training RNG."""
+             num_samples=1000, log=print, class_names=None):
+    """The EMA model's grid (rows named by class_names) and, given a
+    small_metric.SmallDataMetric, its value on balanced classes -> dict(grid=path,
+    frechet=, ...). Unconditional models: sample.py's labels=None path. Not the training RNG."""
     device = next(ema.parameters()).device
-    classes = list(range(ema.num_classes)) if ema.num_classes <= 16 else sample.GRID_CLASSES
-    sample.save_grid(ema, tok, classes, per_class, sampler_kwargs, seed, EVAL_BATCH,
-                     str(grid_path), device)
+    unconditional = sample.is_unconditional(ema)
+    sample.save_grid(ema, tok, None, per_class, sampler_kwargs, seed, EVAL_BATCH,
+                     str(grid_path), device, class_names, unconditional)
     log(f"EMA grid -> {grid_path}")
     result = {"grid": str(grid_path)}
     if metric is None:
@@ -256,11 +201,20 @@ def evaluate(ema, tok, sampler_kwargs, grid_path, seed, per_class=8, metric=None
     batches = []
     for j, batch_labels in enumerate(labels.split(EVAL_BATCH)):
         batch_seed = cli.batch_seed(seed, j)
-        batches.append(sample.generate(ema, tok, batch_labels, sampler_kwargs, batch_seed, device))
-    images = np.concatenate(batches)  # (N, H, W, 3) uint8
-    result.update(metric.evaluate(images[..., 0], labels.numpy()))
-    log(f"small-data Frechet distance {result['frechet']:.3f}, conditional accuracy "
-        f"{result['accuracy']:.3f} ({num_samples} EMA samples)")
+        if unconditional:  # no labels, no CFG (the official labels=None)
+            batch_labels = None
+        images = sample.generate(ema, tok, batch_labels, sampler_kwargs, batch_seed, device,
+                                 num_images=EVAL_BATCH)
+        batches.append(images)
+    images = np.concatenate(batches)[:num_samples]  # (N, H, W, 3) uint8
+    if tok.in_channels == 1:  # grey, as the data
+        images = images[..., 0]
+    result.update(metric.evaluate(images, None if unconditional else labels.numpy()))
+    accuracy = ""
+    if "accuracy" in result:
+        accuracy = f", conditional accuracy {result['accuracy']:.3f}"
+    log(f"small-data Frechet distance {result['frechet']:.3f}{accuracy} "
+        f"({num_samples} EMA samples)")
     return result
 
 def report_demo(metric, result, data_path, num_samples, seconds, logger):
@@ -282,7 +236,7 @@ def report_demo(metric, result, data_path, num_samples, seconds, logger):
 
 
 # ---- Checkpoints (plain dicts, by rank 0), resume, the log ----
-def save_checkpoint(name, training, step, epoch, args, ddp):
+def save_checkpoint(name, training, step, epoch, args, ddp, data_entry=None):
     rng = {"cpu": torch.get_rng_state()}  # every rank's: resumes replay the masks
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -294,7 +248,7 @@ def save_checkpoint(name, training, step, epoch, args, ddp):
                           optimizer=training.optimizer.state_dict(), step=step,
                           scaler=training.scaler.state_dict(),
                           epoch=epoch, args=vars(args), config=training.model.config,
-                          rng=rng_states)  # plain data: loads with weights_only=True
+                          rng=rng_states, data=data_entry)  # plain: loads weights_only
         temporary = Path(args.results_dir) / (name + ".tmp")
         torch.save(checkpoint, temporary)
         os.replace(temporary, Path(args.results_dir) / name)  # never half-written
@@ -394,16 +348,18 @@ def train_loop(args, training, data, loader, ddp, logger, metric, step, total_st
                 sums.zero_()
                 start = time.time()
             if step % args.save_every == 0 or last:
-                save_checkpoint("last.pt", training, step, epoch, args, ddp)
+                save_checkpoint("last.pt", training, step, epoch, args, ddp, data.entry)
             if args.ckpt_every > 0 and step % args.ckpt_every == 0:
-                save_checkpoint(f"ckpt_{step:07d}.pt", training, step, epoch, args, ddp)
+                save_checkpoint(f"ckpt_{step:07d}.pt", training, step, epoch, args, ddp,
+                                data.entry)
             if last or (args.sample_every > 0 and step % args.sample_every == 0):
                 if ddp.rank == 0 and data.tokenizer is not None:
                     grid_path = Path(args.results_dir) / f"grid_{step:07d}.png"
                     step_metric = metric if last or args.periodic_metric else None
                     result = evaluate(training.ema, data.tokenizer, sampler_kwargs, grid_path,
                                       args.seed, args.grid_per_class, step_metric,
-                                      args.eval_samples, logger.info)
+                                      args.eval_samples, logger.info,
+                                      data.entry["class_names"])
                 if dist.is_initialized():
                     dist.barrier()
                 start = time.time()  # evaluating is not training
@@ -414,13 +370,17 @@ def run(args):
     """Train as the flags say: DiT's main, distribution optional. -> Training."""
     start_time = time.time()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    # Check the flags together, the files and the checkpoint before any work:
+    # Check the flags together, the data, the files and the checkpoint before any work:
     args = check_args(args, world_size)
-    overrides = model_overrides(args)
+    spec = data.describe(args)  # what the data is: kind, tokens, classes
+    if spec.kind == "pixels":  # own images: their own size unless given
+        args.img_size = spec.img_size
+    overrides = model_overrides(args, spec)
     config = model_config(args.size, args.img_size, overrides)
     checkpoint = None
     if args.resume is not None:
         checkpoint = read_resume(args.resume, config)
+        data.check_resume(checkpoint.get("data"), spec, args.resume)
 
     # Setup DDP:
     ddp = cli.setup_distributed()
@@ -433,17 +393,18 @@ def run(args):
                         args.grad_checkpointing)
 
     # Setup data (sets in memory or memory-mapped load in the main process):
-    data = build_data(args, model, ddp.device)
-    num_workers = args.num_workers if data.kind == "imagefolder" else 0
+    train_data = data.build_data(args, spec, model, ddp.device)
+    num_workers = args.num_workers if train_data.kind == "imagefolder" else 0
     batch_size = args.global_batch_size // ddp.world_size
-    loader = make_loader(data.dataset, batch_size, ddp, args.seed, num_workers)
+    loader = data.make_loader(train_data.dataset, batch_size, ddp, args.seed, num_workers)
     total_steps = args.max_steps
     if total_steps is None:
         total_steps = args.epochs * len(loader)
     metric = None
-    if ddp.rank == 0 and data.kind == "fashion-mnist":  # trained on the train split
-        images, labels = data.dataset.tensors
-        metric = small_metric.SmallDataMetric(images.numpy(), labels.numpy(), args.metric_cache)
+    labelled = train_data.labelled  # labelled small images: the small-data metric
+    if ddp.rank == 0 and labelled is not None:
+        metric = small_metric.SmallDataMetric(labelled["images"], labelled["labels"],
+                                              args.metric_cache)
 
     # Prepare models for training; random streams per rank (official: seed + rank):
     logger = create_logger(args.results_dir, ddp.rank)
@@ -455,14 +416,16 @@ def run(args):
         step = checkpoint["step"]
         restore_rng(checkpoint["rng"], ddp, logger)
     num_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"eMIGM-{args.size}: {num_params:,} parameters, {len(data.dataset):,} "
+    logger.info(f"data: {spec.summary}")
+    logger.info(f"eMIGM-{args.size}: {num_params:,} parameters, {len(train_data.dataset):,} "
                 f"examples, {ddp.world_size} process(es) on {ddp.device}, {args.precision}, "
                 f"global batch {args.global_batch_size} ({args.accum_steps} micro-batch(es) of "
                 f"{batch_size // args.accum_steps} per process), lr {args.lr:.3g}, "
                 f"{total_steps} steps ({len(loader)} per epoch), starting at step {step}")
 
-    result = train_loop(args, training, data, loader, ddp, logger, metric, step, total_steps)
-    if metric is not None and "accuracy" in result:
+    result = train_loop(args, training, train_data, loader, ddp, logger, metric, step,
+                        total_steps)
+    if train_data.kind == "fashion-mnist" and "accuracy" in result:
         seconds = time.time() - start_time
         report_demo(metric, result, args.data_path, args.eval_samples, seconds, logger)
     if dist.is_initialized():
@@ -494,20 +457,10 @@ def check_args(args, world_size):
         raise ValueError(f"--cfg-interval {args.cfg_interval}: pass T_MIN < T_MAX")
     if args.t_min == 1:
         raise ValueError("--t-min 1: pass a time in [0, 1)")
-    if args.dataset == "fashion-mnist" and 28 % args.patch:
-        raise ValueError(f"--patch {args.patch} does not divide 28: pass 2, 4, 7 or 14")
-    imagefolder = args.dataset == "imagefolder"
-    if imagefolder and args.img_size != 256:
-        raise ValueError("--img-size 512 trains on DC-AE latents: pass --cached-path")
-    if imagefolder and (args.data_path is None or args.vae is None):
-        raise FileNotFoundError("--data-path and --vae: pass an ImageFolder tree and "
-                                "kl16.ckpt, or --cached-path")
-    for flag in ("data_path", "cached_path"):
-        folder = getattr(args, flag)
-        if folder is not None and args.dataset != "random" and not os.path.isdir(folder):
-            raise FileNotFoundError(f"--{flag.replace('_', '-')} {folder} is not a folder")
     if args.vae is not None and not os.path.exists(args.vae):
         raise FileNotFoundError(f"--vae {args.vae} does not exist: pass MAR's kl16.ckpt")
+    if args.metric_cache is None and not own_images(args):  # own images: one file per data
+        args.metric_cache = str(sample.METRIC_CACHE)
     # the results folder: writable, no run but the one resumed
     path = Path(args.results_dir)
     try:
@@ -523,14 +476,16 @@ def check_args(args, world_size):
                          f": pass another, or --resume {path / 'last.pt'}")
     return args
 
-def model_overrides(args):
-    """The constructor arguments set by flags and by pixel data."""
+def model_overrides(args, spec=None):
+    """The constructor arguments set by flags and by the data (a data.DataSpec)."""
     overrides = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name) is not None}
     if args.dropout is not None:
         overrides.update(attn_dropout=args.dropout, proj_dropout=args.dropout)
     if args.dataset == "fashion-mnist":  # patches of 28x28 images, 10 classes
         patches = (28 // args.patch) ** 2
         overrides.update(seq_len=patches, token_channels=args.patch**2, num_classes=10)
+    if spec is not None:  # pixel tokens, the classes, the unconditional contract
+        overrides.update(data.model_fields(spec))
     return overrides
 
 def model_config(size, img_size, overrides):
@@ -551,12 +506,18 @@ def build_parser(argv=None):
     p.add_argument("--demo", action="store_true", help=f"the CPU demo: {DEMO}")
     p.add_argument("--bench", action="store_true", help="time steps on random data")
     p.add_argument("--size", default="B", choices=list(emigm.EMIGM_models))
-    p.add_argument("--img-size", type=int, default=256, choices=[256, 512])
+    p.add_argument("--img-size", type=positive_int, default=256,
+                   help="256 (KL-16), 512 (DC-AE latents); own images <= 64 (their own size)")
     p.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "fashion-mnist", "random"])
-    p.add_argument("--data-path", help="an ImageFolder tree, or Fashion-MNIST's folder")
+    p.add_argument("--data-path", help="class folders (or a flat folder), or Fashion-MNIST's")
     p.add_argument("--cached-path", help="the latents of `tokenizer.py cache`")
     p.add_argument("--vae", help="kl16.ckpt: encodes images, decodes grids")
-    p.add_argument("--patch", type=positive_int, default=4, help="Fashion-MNIST's patch")
+    p.add_argument("--patch", type=positive_int, default=4,
+                   help="pixel patch: Fashion-MNIST 4; own images >= 16 tokens of <= 64")
+    p.add_argument("--num-classes", type=positive_int, help="default: the data's")
+    p.add_argument("--unconditional", action="store_true", help="no labels (flat folders too)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="random horizontal flips of image folders (default: on)")
     p.add_argument("--num-workers", type=nonnegative_int, default=8)
     # the official recipe
     p.add_argument("--epochs", type=positive_int, default=800)
@@ -596,7 +557,7 @@ def build_parser(argv=None):
     p.add_argument("--sample-every", type=nonnegative_int, default=10000, help="0: end only")
     p.add_argument("--periodic-metric", action="store_true", help="at every grid")
     p.add_argument("--eval-samples", type=positive_int, default=1000)
-    p.add_argument("--metric-cache", default=str(sample.METRIC_CACHE))
+    p.add_argument("--metric-cache", help="default: sample.METRIC_CACHE; own data: per hash")
     p.add_argument("--grid-per-class", type=positive_int, default=8)
     p.add_argument("--num-iter", type=positive_int, default=16, help="sampling steps K")
     p.add_argument("--cfg", type=guidance_scale, default=4.0, help="1: no guidance")
@@ -604,9 +565,16 @@ def build_parser(argv=None):
     p.add_argument("--cfg-interval", type=unit_interval, nargs=2, default=[0.1, 0.3],
                    metavar=("T_MIN", "T_MAX"))
     p.add_argument("--head-steps", type=positive_int, default=8)
-    if "--demo" in (sys.argv[1:] if argv is None else argv):  # flags given win
+    first = p.parse_known_args(sys.argv[1:] if argv is None else argv)[0]  # which data
+    if first.demo:  # flags given win
         p.set_defaults(**DEMO)
+    elif own_images(first) and first.data_path is not None and not first.bench:
+        p.set_defaults(**SMALL)
     return p
+
+def own_images(args):
+    """Own small images as pixel tokens: an image folder and no VAE."""
+    return args.dataset == "imagefolder" and args.cached_path is None and args.vae is None
 
 def main(argv=None):
     parser = build_parser(argv)
