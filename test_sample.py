@@ -505,17 +505,18 @@ def test_seeds_give_different_samples_on_cpu(tiny, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_precision_autocasts_the_transformer(tiny, monkeypatch, precision):
-    """--precision: the transformer's matmuls run in bf16 / fp16 (seen by a hook), the head and the
-    tokens stay fp32, and the samples stay close to fp32's (same seed: the low-precision rounding only)."""
+    """--precision: the transformer's matmuls run in bf16 / fp16 (seen by a hook), the head
+    and the tokens stay fp32, and the samples stay close to fp32's (same seed: rounding only)."""
     dtypes = []
     fc1 = tiny.decoder_blocks[0].mlp.fc1
     hook = fc1.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     kwargs = dict(num_iter=4, cfg=2.0, cfg_interval=(0.0, 1.0), head_steps=4)
     labels = torch.arange(4) % tiny.num_classes
     try:
-        fp32 = sample.sample_tokens(tiny, labels, generator=torch.Generator().manual_seed(0), **kwargs)
-        low = sample.sample_tokens(tiny, labels, generator=torch.Generator().manual_seed(0),
-                                   precision=precision, **kwargs)
+        seed = torch.Generator().manual_seed(0)
+        fp32 = sample.sample_tokens(tiny, labels, generator=seed, **kwargs)
+        seed = torch.Generator().manual_seed(0)
+        low = sample.sample_tokens(tiny, labels, generator=seed, precision=precision, **kwargs)
     finally:
         hook.remove()
     expected = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
