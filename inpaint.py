@@ -12,7 +12,6 @@ Tests: python -m pytest -q test_inpaint.py
 """
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
