@@ -189,8 +189,8 @@ class SmallDataMetric:
         return result
 
     def baselines(self, test_images, test_labels):
-        """FD_small of test data: 'floor' between its halves, 'real_test' and 'blur3x3' (3x3
-        box blur) to train. Pass as many images as samples (the same N, the same bias)."""
+        """FD_small of test data: 'floor' between its halves, 'real_test', 'blur3x3' and
+        'blur2x2' (box blurs) to train. Pass as many images as samples (the same N, the same bias)."""
         test_images = self.as_trained(test_images)
         # the floor: two halves of one distribution, N / 2 each
         half = len(test_images) // 2
@@ -202,10 +202,15 @@ class SmallDataMetric:
         x = torch.from_numpy(test_images).float()
         x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
         blurred = fid.fid_avg_pool(x).round().byte().permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+        # a milder one (issue 14's demo target): a 2x2 box blur, the edge row repeated
+        padded = F.pad(x, (0, 1, 0, 1), mode="replicate")  # (N, C, H + 1, W + 1)
+        mild = F.avg_pool2d(padded, 2, stride=1).round().byte().permute(0, 2, 3, 1).numpy()
         if test_images.ndim == 3:
             blurred = blurred[..., 0]
+            mild = mild[..., 0]
         return {"floor": floor, "real_test": real["frechet"],
                 "blur3x3": self.evaluate(blurred)["frechet"],
+                "blur2x2": self.evaluate(mild)["frechet"],
                 "classifier_accuracy": real["accuracy"], "train_seconds": self.train_seconds}
 
 def check_small_images(images):

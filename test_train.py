@@ -394,7 +394,7 @@ def test_fashion_mnist_demo_path(fashion_folder, tmp_path):
                 "--eval-samples", "20", "--num-iter", "2", "--grid-per-class", "1",
                 "--metric-cache", str(tmp_path / "metric.pt")])
     log = (out / "log.txt").read_text()
-    assert "conditional accuracy" in log and "3x3 blur" in log
+    assert "conditional accuracy" in log and "3x3 blur" in log and "2x2 blur" in log
     from PIL import Image
     # a row per class, named (Fashion-MNIST's names in a left margin)
     width, height = Image.open(out / "grid_0000002.png").size
