@@ -292,8 +292,8 @@ def load_model(path, size=None, img_size=None, ema=True, device="cpu", tokenizer
         model = emigm.EMIGM(**config)
     # train.py's dict(tokenizer, img_size, patch, channels, class_names)
     data = checkpoint.get("data")
-    # older checkpoints: from the token shape (pixels: 28 x 28 grey, no names)
-    if data is None:
+    # older checkpoints and runs on random tokens: from the token shape (pixels: 28 x 28 grey)
+    if data is None or data["tokenizer"] is None:
         token_shape = (model.seq_len, model.token_channels)
         kind, pixels = TOKENIZERS.get(token_shape, ("pixel", 28))
         patch = 28 // math.isqrt(model.seq_len) if kind == "pixel" else None

@@ -524,3 +524,12 @@ def test_precision_autocasts_the_transformer(tiny, monkeypatch, precision):
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     # the same draws: any difference is rounding, far below the tokens' spread
     assert (low - fp32).abs().mean() <= 0.1 * fp32.std()
+
+
+def test_a_run_on_random_tokens_samples_as_pixels(tiny, tmp_path):
+    """train.py's runs on random tokens store no tokenizer: sample.py decodes them by their token
+    shape, as older checkpoints (49 tokens of 16: 28 x 28 pixels in 4 x 4 patches)."""
+    data = dict(tokenizer=None, img_size=None, patch=None, channels=None, class_names=None)
+    save_tiny(tiny, tmp_path / "random.pt", data=data)
+    _, _, found = sample.load_model(tmp_path / "random.pt")
+    assert (found["tokenizer"], found["img_size"], found["channels"]) == ("pixel", 28, 1)
