@@ -34,7 +34,6 @@ WEIGHT_URLS = [
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
 ]
 
-
 # ---- The FID Inception-v3: torchvision's Inception3 with pytorch-fid's FID blocks ----
 def tf1_source_pixels(in_size, out_size, device):
     """TF1 reads output pixel i at i * in/out in float32 (F.interpolate's half-pixel offset: ~1-3% in pool_3)."""
@@ -43,7 +42,6 @@ def tf1_source_pixels(in_size, out_size, device):
     lower = source.long()  # floor, as source >= 0
     upper = (lower + 1).clamp_max(in_size - 1)
     return lower, upper, source - lower.float()
-
 
 def resize_tf1(x, size=INPUT_SIZE):
     """TF 1.x resize_bilinear as torch-fidelity's bit-exact 'slow' path. x: (B, C, H, W) float32."""
@@ -56,11 +54,9 @@ def resize_tf1(x, size=INPUT_SIZE):
     bottom = bottom[..., x_lower] + (bottom[..., x_upper] - bottom[..., x_lower]) * x_weight
     return top + (bottom - top) * y_weight.view(size, 1)  # (B, C, size, size)
 
-
 def fid_avg_pool(x):
     """TF's 3x3 average pool leaves the padding out (torchvision's: ~4% in pool_3)."""
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
 
 class BasicConv2d(nn.Module):
     """Conv without bias, BatchNorm with TF's eps 1e-3 (1e-5: ~2% in pool_3), ReLU."""
@@ -71,7 +67,6 @@ class BasicConv2d(nn.Module):
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)), inplace=True)
-
 
 class InceptionA(nn.Module):
     """Mixed_5b, 5c, 5d (35x35): 1x1, 5x5, double 3x3 and average-pooled branches."""
@@ -92,7 +87,6 @@ class InceptionA(nn.Module):
         branch_pool = self.branch_pool(fid_avg_pool(x))
         return torch.cat([branch1x1, branch5x5, branch3x3dbl, branch_pool], 1)
 
-
 class InceptionB(nn.Module):
     """Mixed_6a, the grid reduction 35x35 -> 17x17."""
     def __init__(self, in_channels):
@@ -107,7 +101,6 @@ class InceptionB(nn.Module):
         branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
         branch_pool = F.max_pool2d(x, kernel_size=3, stride=2)
         return torch.cat([branch3x3, branch3x3dbl, branch_pool], 1)
-
 
 class InceptionC(nn.Module):
     """Mixed_6b..6e (17x17): the 7x7 convs factorised into 1x7 and 7x1."""
@@ -133,7 +126,6 @@ class InceptionC(nn.Module):
         branch_pool = self.branch_pool(fid_avg_pool(x))
         return torch.cat([branch1x1, branch7x7, branch7x7dbl, branch_pool], 1)
 
-
 class InceptionD(nn.Module):
     """Mixed_7a, the grid reduction 17x17 -> 8x8."""
     def __init__(self, in_channels):
@@ -150,7 +142,6 @@ class InceptionD(nn.Module):
         branch7x7x3 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         branch_pool = F.max_pool2d(x, kernel_size=3, stride=2)
         return torch.cat([branch3x3, branch7x7x3, branch_pool], 1)
-
 
 class InceptionE(nn.Module):
     """Mixed_7b, 7c (8x8); pool 'avg' in 7b, 'max' in 7c (pytorch-fid's FIDInceptionE_2)."""
@@ -179,7 +170,6 @@ class InceptionE(nn.Module):
             branch_pool = fid_avg_pool(x)
         branch_pool = self.branch_pool(branch_pool)
         return torch.cat([branch1x1, branch3x3, branch3x3dbl, branch_pool], 1)
-
 
 class InceptionV3(nn.Module):
     """No aux head, no dropout, no transform_input; eval mode, gradients off."""
@@ -237,7 +227,6 @@ class InceptionV3(nn.Module):
         # IS takes TF's logits/MatMul: fc without bias (torch-fidelity, ADM)
         return pool, pool.mm(self.fc.weight.T)  # (B, 2048), (B, 1008)
 
-
 # ---- Weights: two files of one port (same hash); pytorch-fid's wrapper saves blocks.i.j ----
 WRAPPER_BLOCKS = [
     ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3"],
@@ -246,14 +235,12 @@ WRAPPER_BLOCKS = [
     ["Mixed_7a", "Mixed_7b", "Mixed_7c"],
 ]
 
-
 def read_torch(path, what):
     """torch.load, weights only; a corrupt file is a one-line ValueError."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"{path}: not a readable {what} ({type(error).__name__})") from None
-
 
 def load_inception(path=None, device=None):
     """InceptionV3 of a released file or a pytorch-fid wrapper (no fc: FID only)."""
@@ -289,7 +276,6 @@ def load_inception(path=None, device=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device)
 
-
 # ---- Images in, features and statistics out ----
 def check_images(images, channels=(1, 3)):
     """uint8 (N, H, W) or (N, H, W, C) -> (N, H, W, C)."""
@@ -303,7 +289,6 @@ def check_images(images, channels=(1, 3)):
                          f"channel(s), got shape {tuple(images.shape)}")
     return images
 
-
 def open_images(source, batch_size):
     """{'count': N, 'batches': uint8 (b, H, W, C)} of an array, an .npz or a folder."""
     if not isinstance(source, (str, os.PathLike)):
@@ -315,16 +300,28 @@ def open_images(source, batch_size):
     if not os.path.isdir(source):
         return read_npz(source, batch_size)
     # a folder as torch-fidelity reads it: sorted by real path (IS depends on the order), RGB
-    from PIL import Image
     names = [name for name in os.listdir(source) if name.endswith((".png", ".jpg", ".jpeg"))]
     files = sorted(os.path.realpath(os.path.join(source, name)) for name in names)
     if not files:
         raise ValueError(f"{source}: no .png/.jpg/.jpeg images (class folders: data.py --data-path DIR --out X.npz)")
     chunks = (files[i:i + batch_size] for i in range(0, len(files), batch_size))
-    # np.stack: the images of one batch have one size
-    batches = (np.stack([np.asarray(Image.open(file).convert("RGB")) for file in chunk]) for chunk in chunks)
+    batches = (read_images(chunk, source) for chunk in chunks)
     return {"count": len(files), "batches": batches}
 
+def read_images(files, source):
+    """uint8 (b, H, W, 3) of image files; an unreadable one or another size is a one-line error."""
+    from PIL import Image
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        except OSError as error:  # PIL's UnidentifiedImageError, a truncated file
+            raise ValueError(f"{source}: cannot read {file} ({error}): remove or replace it") from None
+        if images[-1].shape != images[0].shape:
+            raise ValueError(f"{source}: {file} is {images[-1].shape[1]}x{images[-1].shape[0]}, "
+                             f"{files[0]} {images[0].shape[1]}x{images[0].shape[0]}: one size per folder")
+    return np.stack(images)
 
 def read_npz(path, batch_size):
     """arr_0 streamed as ADM's evaluator reads it (50 000 samples at 512 px are 39 GB)."""
@@ -350,7 +347,6 @@ def read_npz(path, batch_size):
                 yield np.frombuffer(data, np.uint8).reshape((count,) + image_shape)
     return {"count": shape[0], "batches": batches()}
 
-
 @torch.no_grad()
 def extract_features(images, model, batch_size=64, progress=True):
     """{'pool': (N, 2048), 'logits': (N, 1008) or None} on the model's device."""
@@ -369,20 +365,17 @@ def extract_features(images, model, batch_size=64, progress=True):
     logits = torch.cat(logits).numpy() if model.has_logits else None
     return {"pool": torch.cat(pools).numpy(), "logits": logits}
 
-
 def feature_statistics(features):
     """{mu, sigma} float64 of features (N, D): the float32 mean, the unbiased covariance."""
     if len(features) < 2:
         raise ValueError(f"a covariance needs 2 images or more, got {len(features)}")
     return {"mu": np.mean(features, axis=0).astype(np.float64), "sigma": np.cov(features, rowvar=False)}
 
-
 def compute_statistics(images, model=None, batch_size=64, device=None, progress=True):
     """{mu (2048,), sigma (2048, 2048)} float64 of images, an .npz or a folder."""
     if model is None:
         model = load_inception(device=device)
     return feature_statistics(extract_features(images, model, batch_size, progress)["pool"])
-
 
 def load_statistics(path, model=None, batch_size=64, device=None):
     """{mu, sigma} float64 of an .npz (ours, pytorch-fid's, ADM's, the fork's) or .pt, else of its images."""
@@ -408,7 +401,6 @@ def load_statistics(path, model=None, batch_size=64, device=None):
         raise ValueError(f"{path}: expected mu (D,), sigma (D, D), got {stats['mu'].shape}, {stats['sigma'].shape}")
     return stats
 
-
 def save_statistics(stats, path):
     """{mu, sigma} float64 to an .npz via a temporary file: a failed write keeps the old."""
     path = os.fspath(path)
@@ -420,7 +412,6 @@ def save_statistics(stats, path):
     os.replace(temporary, path)
     return path
 
-
 def check_writable(path):
     """Create path's folder and a file there, so that a bad output fails now."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -429,7 +420,6 @@ def check_writable(path):
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
         raise ValueError(f"{path}: cannot write there ({type(error).__name__})") from None
-
 
 # ---- The metrics: Frechet distance and Inception Score ----
 def frechet_distance(mu1, sigma1, mu2, sigma2, method="eigvals"):
@@ -459,7 +449,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method="eigvals"):
     diff = mu1 - mu2
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
-
 def inception_score(logits, splits=10, shuffle=True):
     """IS (Salimans et al. 2016) = exp(E_x KL(p(y|x) || p(y))) as torch-fidelity takes it."""
     logits = torch.as_tensor(np.asarray(logits))
@@ -481,7 +470,6 @@ def inception_score(logits, splits=10, shuffle=True):
     # the population std, as torch-fidelity's np.std
     return float(np.mean(scores)), float(np.std(scores))
 
-
 def compute_metrics(samples, ref, model=None, batch_size=64, device=None, method="eigvals", progress=True):
     """FID and IS of samples against ref ({mu, sigma} or a path)."""
     if model is None:
@@ -499,7 +487,6 @@ def compute_metrics(samples, ref, model=None, batch_size=64, device=None, method
         metrics["inception_score_std"] = score_std
     return metrics
 
-
 # ---- Command line ----
 def positive_int(text):
     """A count: steps, K, batch sizes, images."""
@@ -508,7 +495,6 @@ def positive_int(text):
         raise argparse.ArgumentTypeError(f"{value} is not a count: pass an integer >= 1")
     return value
 
-
 def torch_device(text):
     """A device torch can allocate on here: cpu, cuda, cuda:1."""
     try:
@@ -516,7 +502,6 @@ def torch_device(text):
     except Exception as error:
         raise argparse.ArgumentTypeError(f"{text} is not usable here ({type(error).__name__})")
     return text
-
 
 def build_parser(stats=False):
     """`fid.py SAMPLES --ref REF` or `fid.py stats SOURCE --out OUT`."""
@@ -535,7 +520,6 @@ def build_parser(stats=False):
     parser.add_argument("--device", type=torch_device, help="default: cuda if available")
     return parser
 
-
 @contextlib.contextmanager
 def flag(name):
     """The flag's name before the user errors raised inside."""
@@ -545,7 +529,6 @@ def flag(name):
         raise FileNotFoundError(f"{name} {error}") from None
     except ValueError as error:
         raise ValueError(f"{name} {error}") from None
-
 
 def run(args, stats):
     """Inputs opened, the output checked, then the network run."""
@@ -582,7 +565,6 @@ def run(args, stats):
     else:
         print("IS: n/a (it needs the fc layer and 10 samples)")
 
-
 def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
@@ -594,7 +576,6 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as error:
         message = " ".join(str(error).split())
         parser.exit(2, f"{parser.prog}: error: {message}\n")
-
 
 if __name__ == "__main__":
     main()

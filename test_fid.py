@@ -383,6 +383,12 @@ def inputs(tmp_path_factory, weights_file):
     (folder / "empty").mkdir()
     (folder / "folder.npz").mkdir()
     (folder / "a-file").write_text("not a folder")
+    # image folders: one PNG that is not an image; two sizes in one batch
+    for name, sizes in (("corrupt", (8,)), ("mixed", (8, 16))):
+        (folder / name).mkdir()
+        for i, size in enumerate(sizes):
+            Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(folder / name / f"{i}.png")
+    (folder / "corrupt" / "9-bad.png").write_bytes(rng.bytes(300))
     return folder
 
 
@@ -401,6 +407,8 @@ BAD_INPUTS = [  # (argv, what the message must name)
     (["floats.npz", "--ref", "ref.npz"] + W, "SAMPLES"),
     (["empty", "--ref", "ref.npz"] + W, "SAMPLES"),
     (["one.npz", "--ref", "ref.npz"] + W, "SAMPLES"),
+    (["corrupt", "--ref", "ref.npz"] + W, "9-bad.png"),
+    (["mixed", "--ref", "ref.npz"] + W, "one size per folder"),
     (["samples.npz", "--ref", "missing.npz"] + W, "--ref"),
     (["samples.npz", "--ref", "truncated-ref.npz"] + W, "--ref"),
     (["samples.npz", "--ref", "garbage-ref.npz"] + W, "--ref"),
