@@ -501,10 +501,11 @@ def run(args):
     if tok.channels != model.token_channels:
         raise ValueError(f"{tok.kind} tokens: {tok.channels} channels, the "
                          f"model's: {model.token_channels}")
-    # inpaint.run prints its own NFE (from its t0)
-    if ddp.rank == 0 and args.inpaint is None:
-        cfg = 1.0 if unconditional else sampler_kwargs["cfg"]
-        k, f = nfe(args.num_iter, cfg, sampler_kwargs["cfg_interval"])
+    # no labels: no CFG (sample_tokens' labels=None), also in what is printed
+    if unconditional:
+        sampler_kwargs["cfg"] = 1.0
+    if ddp.rank == 0 and args.inpaint is None:  # inpaint.run prints its own NFE (its t0)
+        k, f = nfe(args.num_iter, sampler_kwargs["cfg"], sampler_kwargs["cfg_interval"])
         print(f"NFE = {k} x {f:.4f} (~{k} x {f:.1f}); {sampler_kwargs}")
     if args.inpaint is not None:
         import inpaint
