@@ -177,8 +177,7 @@ def sample_tokens(model, labels=None, num_iter=16, cfg=4.0, cfg_schedule="consta
     # no known tokens: t0 = 1, every token unknown
     if known is None:
         B = num_images if labels is None else len(labels)
-        shape = (B, L, model.token_channels)
-        tokens = torch.zeros(shape, device=model.fake_latent.device)
+        tokens = torch.zeros(B, L, model.token_channels, device=model.fake_latent.device)
         none_known = torch.zeros(B, L, dtype=torch.bool, device=tokens.device)
         known = Known(tokens, none_known)
     B = len(known.tokens)
@@ -199,6 +198,7 @@ def sample_tokens(model, labels=None, num_iter=16, cfg=4.0, cfg_schedule="consta
         reveal_share = reveal_schedule(num_iter, mask_schedule, t0)[1]  # (K,)
         guided = cfg_steps(num_iter, cfg, cfg_interval, t0).tolist()  # (K,)
         x = tokens[rows]  # (b, L, C)
+        rows_emb = class_emb[rows]  # (b, D)
         mask = ~known.mask[rows]  # (b, L): True = not generated yet
         for k in range(num_iter):
             # everything was revealed early (possible, rare)
@@ -211,7 +211,7 @@ def sample_tokens(model, labels=None, num_iter=16, cfg=4.0, cfg_schedule="consta
                 # u: the share revealed after this step
                 still_masked = (mask[0].sum() - reveal[0].sum()).item()
                 scale = cfg_scale(cfg, cfg_schedule, 1 - still_masked / L)
-            x = predict_revealed(model, x, mask, reveal, class_emb[rows], cfg=scale,
+            x = predict_revealed(model, x, mask, reveal, rows_emb, cfg=scale,
                                  guided=guided[k], head_sampler=head_sampler,
                                  head_steps=head_steps, temperature=temperature,
                                  generator=generator, precision=precision)  # (b, L, C)

@@ -253,33 +253,23 @@ def read_npz(path):
     except Exception as error:
         raise ValueError(f"{path}: not an .npz with arr_0 ({type(error).__name__})") from None
 
-@contextlib.contextmanager
-def flag(name):
-    """The flag's name before the user errors raised inside (fid.py's)."""
-    try:
-        yield
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"{name} {error}") from None
-    except ValueError as error:
-        raise ValueError(f"{name} {error}") from None
-
 def run(args):
     """Read both sets and check them, train (or load) the classifier, print the metric."""
-    with flag("--data-path"):
+    with fid.flag("--data-path"):
         train = load_labelled(args.data_path, args.img_size)
         train["images"] = check_small_images(train["images"])
     names = train["class_names"]
     if names is None:
         names = [f"class {c}" for c in range(int(train["labels"].max()) + 1)]
-    with flag("--samples"):
+    with fid.flag("--samples"):
         samples = read_npz(args.samples)
         labels = None if args.unconditional else samples["labels"]
         if labels is not None and not 0 <= labels.min() <= labels.max() < len(names):
             raise ValueError(f"{args.samples}: labels {labels.min()}-{labels.max()}, the data "
                              f"{len(names)} classes: pass --unconditional or its own samples")
-    with flag("--data-path"):
+    with fid.flag("--data-path"):
         metric = SmallDataMetric(train["images"], train["labels"], args.cache)
-    with flag("--samples"):
+    with fid.flag("--samples"):
         result = metric.evaluate(samples["images"], labels)
         predicted = metric.features(samples["images"])["classes"]
     # the same number of training images: as they are, and blurred (the scale of FD)

@@ -23,6 +23,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 import bench
 import emigm
 import train
+from test_emigm import tiny_reference_model
 
 HERE = Path(__file__).parent
 DEVICE = torch.device(os.environ.get("EMIGM_TEST_DEVICE", "cpu"))
@@ -351,15 +352,8 @@ def test_fp32_loss_and_gradients_on_the_device_match():
     """The official tiny model's training loss (fixed mask, steps, noise) in fp32 on DEVICE: within
     test_emigm.py's FP32_TOL (1e-5) of the official vector, and its gradients within 1e-5 of the
     CPU's (on CPU: the CPU against itself)."""
-    c = REF["config"]
-    model = emigm.EMIGM(seq_len=c["seq_len"], token_channels=c["token_embed_dim"],
-                        width=c["encoder_embed_dim"], depth=c["encoder_depth"],
-                        num_heads=c["encoder_num_heads"], head_depth=c["diffloss_d"],
-                        head_width=c["diffloss_w"], num_classes=c["class_num"],
-                        buffer_size=c["buffer_size"], mask_schedule=c["mask_strategy"],
-                        t_min=c["clamp_t_min"], diffusion_batch_mul=c["diffusion_batch_mul"])
-    model.load_state_dict(REF["state_dict"])
-    model.eval()  # no dropouts: the same function on both devices
+    # eval: no dropouts, the same function on both devices
+    model = tiny_reference_model()
     ref = REF["full_forward"]
     tokens = ref["imgs"].flatten(2).transpose(1, 2)  # (B, C, h, w) -> (B, h*w, C)
     inputs = (tokens, ref["labels"], ref["mask"].bool(), None, ref["t"], ref["noise"])

@@ -2,7 +2,6 @@
 synthetic Fashion-MNIST-format images) writes its CSV, plot and summary row; the variants of a
 panel differ only in the choice they study; a re-run only plots; the verdict's closed cases; bad
 inputs give one line and exit 2."""
-import gzip
 import json
 import subprocess
 import sys
@@ -21,32 +20,13 @@ CONFIG_KEY = {"fig2a": "mask_schedule", "fig2b": "loss_weighting", "fig2c": "use
               "fig2d": "t_min", "fig2e": "cfg_with_mask"}
 
 
-def write_idx(path, array):
-    sizes = b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    header = bytes([0, 0, 8, array.ndim]) + sizes
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
+def micro_argv(out, fashion_folder, panels=("all",)):
+    return [*panels, "--micro", "--out", str(out), "--data-path", str(fashion_folder),
+            "--metric-cache", str(fashion_folder / "metric.pt")]
 
 
 @pytest.fixture(scope="module")
-def fashion(tmp_path_factory):
-    """40 train and 20 test images in Fashion-MNIST's IDX format (random pixels, labels i % 10)."""
-    folder = tmp_path_factory.mktemp("fashion")
-    generator = np.random.default_rng(0)
-    for split, n in (("train", 40), ("t10k", 20)):
-        images = generator.integers(0, 256, (n, 28, 28))
-        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
-        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    return folder
-
-
-def micro_argv(out, fashion, panels=("all",)):
-    return [*panels, "--micro", "--out", str(out), "--data-path", str(fashion),
-            "--metric-cache", str(fashion / "metric.pt")]
-
-
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory, fashion):
+def micro(tmp_path_factory, fashion_folder):
     """`study.py all --micro` in this process with one torch thread (so each train.py gets one);
     the thread count and the global RNG (models are rebuilt from configs) are restored after it."""
     out = tmp_path_factory.mktemp("study")
@@ -54,7 +34,7 @@ def micro(tmp_path_factory, fashion):
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):
-            study.main(micro_argv(out, fashion))
+            study.main(micro_argv(out, fashion_folder))
     finally:
         torch.set_num_threads(threads)
     return out
@@ -135,7 +115,7 @@ def test_fig3_variants_apply_their_choice_and_share_the_emigm_point(micro):
     assert all(len(values) == 1 for values in shared.values())
 
 
-def test_rerun_only_plots(micro, fashion, monkeypatch):
+def test_rerun_only_plots(micro, fashion_folder, monkeypatch):
     """A second run trains nothing and samples nothing, and writes the same CSVs."""
     before = {p.name: p.read_bytes() for p in micro.glob("*.csv")}
 
@@ -143,7 +123,7 @@ def test_rerun_only_plots(micro, fashion, monkeypatch):
         raise AssertionError("a cached run or point was computed again")
     monkeypatch.setattr(study.subprocess, "run", no_work)
     monkeypatch.setattr(study, "score", no_work)
-    study.main(micro_argv(micro, fashion))
+    study.main(micro_argv(micro, fashion_folder))
     assert {p.name: p.read_bytes() for p in micro.glob("*.csv")} == before
 
 

@@ -3,7 +3,6 @@ clipping, weight-decay groups, label dropout), DDP on 2 gloo processes, exact re
 plain-data checkpoints (their "data" entry), one-line errors for bad flags, the demo path
 and the benchmark. Tiny configs on random tokens, fp32 on CPU. Own image folders:
 test_data.py."""
-import gzip
 import hashlib
 import math
 import os
@@ -258,24 +257,6 @@ def test_default_batch_follows_the_size(tmp_path):
         args = train.check_args(train.build_parser(argv).parse_args(argv), world_size)
         assert args.global_batch_size == expected
         assert args.lr == pytest.approx(1e-4 * expected / 256)
-
-
-def write_idx(path, array):
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module")
-def fashion_folder(tmp_path_factory):
-    """40 train and 20 test images of random pixels in Fashion-MNIST's IDX format."""
-    folder = tmp_path_factory.mktemp("fashion")
-    generator = np.random.default_rng(0)
-    for split, count in (("train", 40), ("t10k", 20)):
-        images = generator.integers(0, 256, (count, 28, 28))
-        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
-        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", np.arange(count) % 10)
-    return folder
 
 
 def snapshot(folder):

@@ -201,12 +201,13 @@ def evaluate(ema, tok, sampler_kwargs, grid_path, seed, per_class=8, metric=None
     batches = []
     for j, batch_labels in enumerate(labels.split(EVAL_BATCH)):
         batch_seed = cli.batch_seed(seed, j)
+        count = len(batch_labels)
         if unconditional:  # no labels, no CFG (the official labels=None)
             batch_labels = None
         images = sample.generate(ema, tok, batch_labels, sampler_kwargs, batch_seed, device,
-                                 num_images=EVAL_BATCH)
+                                 num_images=count)
         batches.append(images)
-    images = np.concatenate(batches)[:num_samples]  # (N, H, W, 3) uint8
+    images = np.concatenate(batches)  # (N, H, W, 3) uint8
     if tok.in_channels == 1:  # grey, as the data
         images = images[..., 0]
     result.update(metric.evaluate(images, None if unconditional else labels.numpy()))
