@@ -8,8 +8,13 @@ figures from a shared or noisy machine can still be compared (ratios, not second
     python bench.py sample                 # = python sample.py --bench
 """
 import argparse
+import copy
+import importlib
 import multiprocessing
+import os
+import sys
 import time
+from functools import partial
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -21,6 +26,9 @@ import sample
 import train
 
 BENCH_STEPS = 5  # timed training steps (after 2 of warm-up)
+# this checkout's modules: set aside while another checkout's are imported
+ALL_MODULES = ("emigm", "sample", "head_samplers", "cli", "train", "tokenizer",
+               "fid", "data", "bench", "small_metric", "inpaint", "study")
 
 
 def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
@@ -177,6 +185,87 @@ def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64)):
             print(f"{name} (batch {b}): CPU time {cpu:.3f}; NFE {nfe_ratio:.3f}, FLOPs {flops_ratio:.3f}")
 
 
+# ==== Against another checkout (bench.py compare --against DIR) ====
+def load_checkout(directory, names=("emigm", "sample")):
+    """The modules `names` of the checkout in `directory`, imported beside ours in this
+    process (each sees the other checkout's modules, ours stay as they are)."""
+    ours = {name: sys.modules.pop(name) for name in list(sys.modules) if name in ALL_MODULES}
+    sys.path.insert(0, str(directory))
+    try:
+        theirs = {name: importlib.import_module(name) for name in names}
+    finally:
+        sys.path.remove(str(directory))
+        for name in ALL_MODULES:
+            sys.modules.pop(name, None)
+        sys.modules.update(ours)
+    return theirs
+
+def checkout_dir(text):
+    """A folder with an eMIGM-mini checkout (its emigm.py and sample.py)."""
+    if not all(os.path.isfile(os.path.join(text, name)) for name in ("emigm.py", "sample.py")):
+        raise argparse.ArgumentTypeError(f"{text} has no emigm.py and sample.py: pass a checkout, "
+                                         f"e.g. git worktree add ../base 5afb9bc")
+    return os.path.abspath(text)
+
+def timed_median(runs, rounds):
+    """Alternating rounds of each run (a name -> function) -> name -> median seconds."""
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(values)[rounds // 2] for name, values in times.items()}
+
+def training_step(model, tokens, labels):
+    """train.py's step on `model`: loss, backward, clipping, AdamW, EMA (same code for both)."""
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params = list(model.parameters())
+    ema_params = list(ema.parameters())
+    optimizer = torch.optim.AdamW(train.param_groups(model, 0.02), lr=1e-4, betas=(0.9, 0.95))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(tokens, labels).backward()
+        torch.nn.utils.clip_grad_norm_(params, 3.0)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_mul_(ema_params, 0.9999)
+            torch._foreach_add_(ema_params, params, alpha=1e-4)
+    return step
+
+def compare(directory, rounds=5, sample_batches=(4, 16)):
+    """train.py --bench (XS, batch 8) and sample.py --bench (XS, K = 16, 8 DPM-Solver steps,
+    CFG 4 on (0.1, 0.3]) of this checkout and of `directory`, alternating in this process
+    on the same weights and inputs: median of `rounds`, and the speed-up."""
+    theirs = load_checkout(directory)
+    models = {}
+    for name, module in (("theirs", theirs["emigm"]), ("ours", emigm)):
+        torch.manual_seed(0)
+        models[name] = module.EMIGM_models["XS"]()
+    models["theirs"].load_state_dict(models["ours"].state_dict())
+    tokens = torch.randn(8, 256, 16)
+    labels = torch.arange(8)
+    steps = {name: training_step(model.train(), tokens, labels) for name, model in models.items()}
+    for step in steps.values():  # warm-up
+        step()
+    rows = {"train step, batch 8": timed_median(steps, rounds)}
+    samplers = {"theirs": theirs["sample"], "ours": sample}
+    for batch in sample_batches:
+        def sampling(name, batch=batch):
+            generator = torch.Generator().manual_seed(0)
+            samplers[name].sample_tokens(models[name].eval(), torch.arange(batch), 16, 4.0,
+                                         "constant", (0.1, 0.3), "dpm-solver", 8,
+                                         generator=generator)
+        runs = {name: partial(sampling, name) for name in samplers}
+        rows[f"sample K=16, batch {batch}"] = timed_median(runs, rounds)
+    print(f"median of {rounds}, alternating, {torch.get_num_threads()} threads; theirs: {directory}")
+    print(f"{'work':24s} {'theirs s':>9s} {'ours s':>9s} {'speed-up':>9s}")
+    for work, row in rows.items():
+        print(f"{work:24s} {row['theirs']:9.3f} {row['ours']:9.3f} {row['theirs'] / row['ours']:8.2f}x")
+    return rows
+
+
 # ==== Command line ====
 def main(argv=None):
     parser = argparse.ArgumentParser(description="eMIGM-mini benchmarks (random weights)")
@@ -188,6 +277,10 @@ def main(argv=None):
                         add_help=False)
     commands.add_parser("train-memory", add_help=False,
                         help="train: peak memory with checkpointing, accumulation")
+    against = commands.add_parser("compare", help="train and sample steps against a checkout")
+    against.add_argument("--against", type=checkout_dir, required=True,
+                         help="another checkout, e.g. git worktree add ../base 5afb9bc")
+    against.add_argument("--rounds", type=cli.positive_int, default=5)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":  # train.py parses and checks its own flags
         train.main(["--bench", *rest])
@@ -200,6 +293,9 @@ def main(argv=None):
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "compare":
+        compare(args.against, args.rounds)
+        return
     sampling(args.bench_k, args.bench_batches)
 
 

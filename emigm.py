@@ -2,9 +2,8 @@
 code (ML-GSAI/eMIGM at de78623), ablation paths included, with its state_dict layout.
 Top-down: mask schedules (Table 4), weighting (Fig. 2b), masking (Sec. 3); MAR's diffusion
 head; the transformer; the model: MAE (Fig. 2c), CFG with mask (Fig. 2e); size presets
-(Tables 2, 6, 7); checkpoints. Sampling: sample.py; training: train.py; tests:
+(Tables 2, 6, 7). Checkpoints: checkpoints.py; sampling: sample.py; training: train.py; tests:
 python -m pytest -q test_emigm.py test_ablation.py"""
-import argparse
 import math
 from functools import partial
 
@@ -249,8 +248,12 @@ class SimpleMLPAdaLN(nn.Module):
         self.final_layer = FinalLayer(width, out_channels)
 
     def forward(self, x, t, c):
+        """t: (N,) or (1,) for every row (the samplers: one time per call)."""
         h = self.input_proj(x)  # (N, w)
-        y = self.time_embed(t) + self.cond_embed(c)  # (N, w), for every block
+        # each distinct step embedded once: training draws ~1000 steps for many more tokens
+        steps, index = t.unique(return_inverse=True)
+        time_emb = self.time_embed(steps)[index]  # (N or 1, w)
+        y = time_emb + self.cond_embed(c)  # (N, w), for every block
         for block in self.res_blocks:
             h = block(h, y)
         return self.final_layer(h, y)  # (N, 2C)
@@ -290,6 +293,25 @@ class DiffLoss(nn.Module):
         return self.diffusion.training_terms(self.net, x0, t, z, noise)
 
 # ==== The transformer: timm 0.9.12's Block, so that the official keys load ====
+def dropout(x, p):
+    """Dropout in training: zero with probability p, scale the rest by 1 / (1 - p). On CPU
+    from 32-bit integers cut out of 64-bit draws, ~3x cheaper than torch's bernoulli_ (its
+    masks took 10% of an XS step); P(zero) = p up to 2^-32. Elsewhere torch's own."""
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 1) // 2,), dtype=torch.int64)
+    bits = words.view(torch.int32)[:x.numel()].view(x.shape)  # uniform over 32-bit integers
+    keep = bits >= round(p * 2**32) - 2**31
+    return torch.where(keep, x, 0.0) * (1 / (1 - p))
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with the cheaper CPU masks of dropout()."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return dropout(x, self.p)
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, attn_dropout, proj_dropout):
         super().__init__()
@@ -297,26 +319,41 @@ class Attention(nn.Module):
         self.attn_dropout = attn_dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_dropout)
+        self.proj_drop = Dropout(proj_dropout)
 
-    def forward(self, x):  # x: (B, N, D)
+    def forward(self, x, queries=None):
+        """x (B, N, D) -> (B, N, D); with queries (B, n, D): their outputs (B, n, D),
+        attending to all of x (the last decoder block: only the positions the head reads)."""
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, N, D / H)
+        head_dim = D // self.num_heads
+        if queries is None:
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, N, D / H)
+        else:
+            # q from the queries, k and v from all of x: the rows of qkv's weight
+            q = F.linear(queries, self.qkv.weight[:D], self.qkv.bias[:D])  # (B, n, D)
+            q = q.reshape(B, -1, self.num_heads, head_dim).transpose(1, 2)  # (B, H, n, D / H)
+            kv = F.linear(x, self.qkv.weight[D:], self.qkv.bias[D:])  # (B, N, 2D)
+            k, v = kv.reshape(B, N, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         # full bidirectional attention, no mask
-        dropout_p = self.attn_dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, H, N, D / H)
-        x = x.transpose(1, 2).reshape(B, N, D)
-        return self.proj_drop(self.proj(x))  # (B, N, D)
+        if self.training and self.attn_dropout > 0 and x.device.type == "cpu":
+            # SDPA's math path, with dropout()'s cheaper masks
+            attn = (q @ k.transpose(-2, -1) * head_dim**-0.5).softmax(dim=-1)  # (B, H, n, N)
+            x = dropout(attn, self.attn_dropout) @ v  # (B, H, n, D / H)
+        else:
+            dropout_p = self.attn_dropout if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, H, n, D / H)
+        x = x.transpose(1, 2).reshape(B, -1, D)
+        return self.proj_drop(self.proj(x))  # (B, n, D)
 
 class Mlp(nn.Module):
     def __init__(self, dim, hidden, dropout):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.drop1 = nn.Dropout(dropout)
+        self.drop1 = Dropout(dropout)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(dropout)
+        self.drop2 = Dropout(dropout)
 
     def forward(self, x):
         x = self.drop1(self.act(self.fc1(x)))
@@ -332,9 +369,30 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_dropout)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, read=None):
+        """x (B, N, D) -> (B, N, D); with read (B, N) bool, the same count n per row:
+        only the outputs read (B, n, D), their row-major order (x[read])."""
+        if read is None:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        B, N, D = x.shape
+        h = self.norm1(x)
+        x = x[read].reshape(B, -1, D)  # (B, n, D)
+        x = x + self.attn(h, queries=h[read].reshape(B, -1, D))
         return x + self.mlp(self.norm2(x))
+
+class Blocks(nn.ModuleList):
+    """Blocks run in order, the last with `read` (Block); keys as a ModuleList's. One
+    module for the stack: torch.compile takes it whole (sample.py, train.py --compile)."""
+
+    def forward(self, x, read=None):
+        for block in self[:-1]:
+            x = block(x)
+        if len(self) > 0:
+            return self[-1](x, read)
+        if read is None:  # no block (a test's model)
+            return x
+        return x[read].reshape(len(x), -1, x.shape[-1])
 
 # ==== eMIGM (Sec. 3, Fig. 2) ====
 class EMIGM(nn.Module):
@@ -386,10 +444,10 @@ class EMIGM(nn.Module):
         self.z_proj = nn.Linear(token_channels, width)
         self.z_proj_ln = nn.LayerNorm(width, eps=1e-6)
         block = partial(Block, width, num_heads, mlp_ratio, attn_dropout, proj_dropout)
-        self.encoder_blocks = nn.ModuleList([block() for _ in range(depth)])
+        self.encoder_blocks = Blocks([block() for _ in range(depth)])
         self.encoder_norm = nn.LayerNorm(width, eps=1e-6)
         self.decoder_embed = nn.Linear(width, width)
-        self.decoder_blocks = nn.ModuleList([block() for _ in range(decoder_depth)])
+        self.decoder_blocks = Blocks([block() for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
         self.initialize_weights()
         # the head initialises itself, after the transformer (official order)
@@ -438,12 +496,12 @@ class EMIGM(nn.Module):
         else:
             # no MAE: the raw mask token, after the pos embed and LN (official)
             x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
-        for block in self.encoder_blocks:
-            x = block(x)
+        x = self.encoder_blocks(x)
         return self.encoder_norm(x)
 
-    def forward_decoder(self, x, mask):
-        """x: encoder output, mask (B, L) -> z (B, L, D), the head's conditions."""
+    def forward_decoder(self, x, mask, read=None):
+        """x: encoder output, mask (B, L) -> z (B, L, D), the head's conditions; with read
+        (B, L) bool, the same count n per row: z[read] (B, n, D), the last block only there."""
         x = self.decoder_embed(x)
         if self.use_mae:
             # kept tokens among mask tokens (which skip decoder_embed)
@@ -452,11 +510,16 @@ class EMIGM(nn.Module):
             full[keep] = x.reshape(-1, x.shape[-1])
             x = full  # (B, buf + L, D)
         x = x + self.decoder_pos_embed_learned
-        for block in self.decoder_blocks:
-            x = block(x)
+        B, L = mask.shape
+        if read is None:
+            read = torch.ones(B, L, dtype=torch.bool, device=mask.device)
+        # the head reads no buffer slot: the last block leaves them out (Blocks)
+        read_slots = F.pad(read, (self.buffer_size, 0), value=False)  # (B, buf + L)
+        x = self.decoder_blocks(x, read_slots)  # (B, n, D)
         x = self.decoder_norm(x)
-        # drop the buffer: one condition per token
-        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned  # (B, L, D)
+        # one condition per token read
+        positions = self.diffusion_pos_embed_learned.expand(B, -1, -1)[read]  # (B n, D)
+        return x + positions.reshape(B, -1, x.shape[-1])  # (B, n, D)
 
     def forward(self, tokens, labels, mask=None, t=None, head_t=None, head_noise=None):
         """The training loss of Sec. 3 (Table 1's objective with MAR's head loss):
@@ -478,11 +541,14 @@ class EMIGM(nn.Module):
             mask, t = sample_mask(B, L, self.mask_schedule, self.t_min, device=tokens.device)
         # MAE encoder and decoder: one condition z_i per token
         x = self.forward_encoder(tokens, mask, self.class_embedding(labels))
-        z = self.forward_decoder(x, mask)  # (B, L, D)
-        # the head on the masked tokens only (official: on all, loss times the mask)
+        # the head on the masked tokens only (official: on all, loss times the mask);
+        # MAE masks the same count in every row: the last block computes only those
+        read = mask if self.use_mae else None
+        z = self.forward_decoder(x, mask, read)  # (B, |M| / B or L, D)
+        z = z.reshape(-1, z.shape[-1]) if self.use_mae else z[mask]  # (|M|, D)
         mul = self.diffusion_batch_mul
         target = tokens[mask].repeat(mul, 1)  # (N, C), N = mul * |M|
-        cond = z[mask].repeat(mul, 1)  # (N, D)
+        cond = z.repeat(mul, 1)  # (N, D)
         if head_t is not None:
             rows = mask.flatten().repeat(mul)  # (mul * B * L,)
             head_t = head_t[rows]
@@ -528,73 +594,3 @@ def create_emigm(size, img_size=256, **overrides):
     return EMIGM(**{**config, **overrides})
 
 EMIGM_models = {name: partial(create_emigm, name) for name in [*SIZES, "Tiny"]}
-
-# ==== Checkpoints ====
-def config_from_state_dict(state):
-    """The architecture fields of EMIGM read off a state_dict (ours or official)."""
-    seq_len = state["diffusion_pos_embed_learned"].shape[1]
-    blocks = [k for k in state if k.endswith(".norm1.weight")]
-    encoder = [k for k in blocks if k.startswith("encoder_blocks.")]
-    decoder = [k for k in blocks if k.startswith("decoder_blocks.")]
-    head = [k for k in state if k.endswith(".in_ln.weight")]
-    return dict(width=state["fake_latent"].shape[1], seq_len=seq_len,
-                token_channels=state["z_proj.weight"].shape[1],
-                depth=len(encoder), decoder_depth=len(decoder), head_depth=len(head),
-                head_width=state["diffloss.net.input_proj.weight"].shape[0],
-                num_classes=state["class_emb.weight"].shape[0],
-                buffer_size=state["encoder_pos_embed_learned"].shape[1] - seq_len)
-
-def size_of(config):
-    """The flags of the preset of that architecture (config_from_state_dict)."""
-    for name in SIZES:
-        for img_size in SIZES[name]["head"]:
-            with torch.device("meta"):  # shapes only: no memory, no time
-                preset = create_emigm(name, img_size)
-            if config_from_state_dict(preset.state_dict()) == config:
-                return f"--size {name} --img-size {img_size}"
-    return "the checkpoint's own architecture"
-
-def load_checkpoint(path):
-    """Ours or an official one, weights_only (+ the official files' argparse.Namespace)."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}: pass an eMIGM .pth/.pt") from None
-    except Exception as error:  # not a torch file, truncated, or unsafe
-        reason = " ".join(str(error).split())[:200]
-        raise ValueError(f"cannot read {path} as a checkpoint ({reason}): pass an eMIGM "
-                         f"checkpoint saved by train.py or the official code") from None
-    if not isinstance(checkpoint, dict) or not {"model", "ema", "model_ema"} & set(checkpoint):
-        raise ValueError(f"{path} has no 'model'/'ema'/'model_ema': pass an eMIGM checkpoint")
-    return checkpoint
-
-def load_weights(model, checkpoint, ema=True):
-    """Load the EMA (default) or raw weights: ours {'model', 'ema'}, official {'model',
-    'model_ema'}. Official EMA quirk (semantics sec. 2): model_ema has the EMA value under
-    'fake_latent', the RAW one under 'mask_token'; both are copied, in that order, into
-    the one tied Parameter: the raw value wins, here too."""
-    names = ("ema", "model_ema") if ema else ("model",)
-    found = [k for k in names if k in checkpoint]
-    if not found:
-        hint = "pass --no-ema to use the raw weights" if ema else "is it an eMIGM checkpoint?"
-        raise ValueError(f"checkpoint has no {' or '.join(names)} entry "
-                         f"(it has {sorted(checkpoint)}); {hint}")
-    state = checkpoint[found[0]]
-    ours = config_from_state_dict(model.state_dict())
-    try:
-        theirs = config_from_state_dict(state)
-    except KeyError as error:
-        raise ValueError(f"checkpoint has no {error}: pass an eMIGM checkpoint") from None
-    for field in ours:
-        if ours[field] != theirs[field]:
-            raise ValueError(f"checkpoint {field.replace('_', ' ')} {theirs[field]}, "
-                             f"this model {ours[field]}: pass {size_of(theirs)}")
-    # an own mask token is [1, 1, D] (official); our earlier files stored it as [1, D]
-    if model.mask_token is not model.fake_latent:
-        state = {**state, "mask_token": state["mask_token"].reshape(1, 1, -1)}
-    elif state["mask_token"].dim() == 3:
-        raise ValueError("the checkpoint has its own mask token (no CFG with mask, Fig. 2e): "
-                         "build the model with cfg_with_mask=False (train.py --no-cfg-with-mask)")
-    model.load_state_dict(state, strict=True)
-    return model

@@ -95,15 +95,16 @@ def dpm_plan(steps):
 @torch.no_grad()
 def dpm_solver_sample(net, noise, cond, uncond=None, cfg=1.0, steps=8, temperature=None,
                       generator=None):
-    """DPM-Solver++, t = 1 to 1/996 in `steps` calls of net(x (N, C), t (N,), c (N, D)) (eps
-    first): noise (N, C), cond, uncond (N, D) -> x0 (N, C). (!) Ignores the temperature."""
+    """DPM-Solver++, t = 1 to 1/996 in `steps` calls of net(x (N, C), t (1,), c (N, D))
+    (eps first; t: every row's): noise (N, C), cond, uncond (N, D) -> x0 (N, C).
+    (!) Ignores the temperature."""
     C = noise.shape[1]
     inv_N = 1.0 / noise_schedule().total_N
     guided = uncond is not None and cfg != 1.0
     c_in = torch.cat([uncond, cond]) if guided else cond  # one call on [x; x], DPM-Solver's
     def data_prediction(x, time):  # x0 = (x - sigma_t eps) / alpha_t
         # (!) the official time input (t - 1/N) * 1000, not the index t N - 1
-        t_in = ((time.t - inv_N) * 1000).to(x.device).expand(len(c_in))
+        t_in = ((time.t - inv_N) * 1000).to(x.device).reshape(1)  # (1,): every row's
         eps = net(torch.cat([x, x]) if guided else x, t_in, c_in)[:, :C]  # (N or 2N, C)
         if guided:  # eps_u + cfg (eps_c - eps_u)
             eps = eps[:len(x)] + cfg * (eps[len(x):] - eps[:len(x)])
@@ -143,7 +144,7 @@ def ddpm_sample(net, noise, cond, uncond=None, cfg=1.0, steps=100, temperature=1
     c_in = torch.cat([cond, uncond]) if guided else cond  # one call on [x; x], MAR's order
     x = noise
     for i in reversed(range(steps)):
-        t = torch.full((len(c_in),), int(diffusion.timesteps[i]), device=x.device)  # unspaced
+        t = torch.full((1,), int(diffusion.timesteps[i]), device=x.device)  # unspaced, every row's
         out = net(torch.cat([x, x]) if guided else x, t, c_in)  # (N or 2N, 2C): [eps | var]
         eps = out[:len(x), :C]
         if guided:

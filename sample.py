@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoints
 import emigm
 from head_samplers import HEAD_SAMPLERS, draw
 from cli import batch_seed, guidance_scale, nonnegative_int, peak_memory_gb
@@ -125,23 +126,27 @@ def predict_revealed(model, tokens, mask, reveal, class_emb, *, cfg=1.0, guided=
     # the unconditional ones with the fake class embedding
     x = tokens
     m = mask
+    r = reveal
     c = class_emb
     if guided:
         fake = model.fake_latent.expand(B, -1).to(class_emb.dtype)
         x = torch.cat([tokens, tokens])  # (2B, L, C)
         m = torch.cat([mask, mask])  # (2B, L)
+        r = torch.cat([reveal, reveal])  # (2B, L)
         c = torch.cat([class_emb, fake])  # (2B, D)
     if precision is None:
         precision = "bf16" if x.is_cuda else "fp32"
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     with torch.autocast(x.device.type, dtype, enabled=precision != "fp32"):
         encoded = model.forward_encoder(x, m, c)
-        z = model.forward_decoder(encoded, m)  # (B or 2B, L, D)
-    # the head's conditions: the tokens revealed now, row-major as the official z[mask_to_pred]
-    z_cond = z[:B][reveal].to(tokens.dtype)  # (n, D)
+        # the head's conditions: only the tokens revealed now (the same count per row)
+        z = model.forward_decoder(encoded, m, read=r)  # (B or 2B, n / B, D)
+    # row-major as the official z[mask_to_pred]
+    z = z.reshape(len(x), -1, z.shape[-1]).to(tokens.dtype)
+    z_cond = z[:B].flatten(0, 1)  # (n, D)
     z_uncond = None
     if guided:
-        z_uncond = z[B:][reveal].to(tokens.dtype)  # (n, D)
+        z_uncond = z[B:].flatten(0, 1)  # (n, D)
     if noise is None:
         noise = draw(torch.randn, (len(z_cond), C), generator, z.device)
     head_sample = HEAD_SAMPLERS[head_sampler]
@@ -282,7 +287,7 @@ def load_model(path, size=None, img_size=None, ema=True, device="cpu", tokenizer
     """-> (model, training flags, data): ours built from their 'config', official ones
     from size and img_size."""
     # one-line errors for unreadable files
-    checkpoint = emigm.load_checkpoint(path)
+    checkpoint = checkpoints.load_checkpoint(path)
     config = checkpoint.get("config")
     if config is None and size is None:
         raise ValueError(f"--ckpt {path} has no 'config' (an official one?): pass --size")
@@ -310,7 +315,7 @@ def load_model(path, size=None, img_size=None, ema=True, device="cpu", tokenizer
             message = f"{flag} {value} disagrees with --ckpt {path} ({own})"
             raise ValueError(f"{message}: drop {flag}")
     try:
-        emigm.load_weights(model, checkpoint, ema=ema)
+        checkpoints.load_weights(model, checkpoint, ema=ema)
     except ValueError as error:
         raise ValueError(f"--ckpt {path}: {error}") from None
     flags = checkpoint.get("args") or {}

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkpoints
 import cli
 import emigm
 import sample
@@ -233,9 +234,9 @@ def point(study, run, step, sampler_kwargs, samples, seed):
     start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the EMA weights, in a model rebuilt from the checkpoint's config
-    ckpt = emigm.load_checkpoint(study.out / "runs" / run / f"ckpt_{step:07d}.pt")
+    ckpt = checkpoints.load_checkpoint(study.out / "runs" / run / f"ckpt_{step:07d}.pt")
     model = emigm.EMIGM(**ckpt["config"])
-    emigm.load_weights(model, ckpt, ema=True)
+    checkpoints.load_weights(model, ckpt, ema=True)
     model = model.to(device).eval()
     result = score(model, study.metric, sampler_kwargs, samples, seed, device)
     points[key] = dict(frechet=result["frechet"], accuracy=result["accuracy"])

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import emigm
 import sample
 # test_emigm's fixture one_thread applies here too (conftest.py restores the global state)
@@ -48,7 +49,7 @@ def test_official_own_mask_token_layout_loads_strictly():
     official = [(k, tuple(v.shape)) for k, v in REF["state_dict"].items()]
     assert ours == official  # keys, shapes, order
     assert model.mask_token.shape == (1, 1, 64) and model.fake_latent.shape == (1, 64)
-    emigm.load_weights(model, {"model": REF["state_dict"]}, ema=False)
+    checkpoints.load_weights(model, {"model": REF["state_dict"]}, ema=False)
     assert torch.equal(model.mask_token, REF["state_dict"]["mask_token"])
     assert not torch.equal(model.mask_token[0], model.fake_latent)
     names = [n for n, _ in model.named_parameters()]
@@ -60,11 +61,11 @@ def test_mask_token_layouts_across_checkpoints():
     our earlier own tokens, saved as [1, D], still load."""
     tied = emigm.EMIGM(**{**ablation_model(load=False).config, "cfg_with_mask": True})
     with pytest.raises(ValueError, match="cfg_with_mask=False") as e:
-        emigm.load_weights(tied, {"model_ema": REF["state_dict"]})
+        checkpoints.load_weights(tied, {"model_ema": REF["state_dict"]})
     one_line(e)
     old = dict(REF["state_dict"])
     old["mask_token"] = old["mask_token"].reshape(1, 64)
-    model = emigm.load_weights(ablation_model(load=False), {"ema": old})
+    model = checkpoints.load_weights(ablation_model(load=False), {"ema": old})
     assert torch.equal(model.mask_token, REF["state_dict"]["mask_token"])
     assert old["mask_token"].shape == (1, 64)  # the caller's dict is left as it was
 

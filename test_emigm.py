@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import emigm
 
 HERE = Path(__file__).parent
@@ -465,12 +466,12 @@ def test_official_checkpoint_loads_with_ema_quirk(tmp_path):
     path = tmp_path / "checkpoint-last.pth"
     args = argparse.Namespace(model="emigm_tiny")
     torch.save({"model": raw, "model_ema": ema, "args": args, "epoch": 3}, path)
-    ckpt = emigm.load_checkpoint(path)
+    ckpt = checkpoints.load_checkpoint(path)
     fresh = tiny_reference_model()
-    emigm.load_weights(fresh, ckpt, ema=True)
+    checkpoints.load_weights(fresh, ckpt, ema=True)
     assert torch.equal(fresh.fake_latent, raw["fake_latent"]) and fresh.mask_token is fresh.fake_latent
     assert torch.equal(fresh.class_emb.weight, ema["class_emb.weight"])
-    emigm.load_weights(fresh, ckpt, ema=False)
+    checkpoints.load_weights(fresh, ckpt, ema=False)
     assert torch.equal(fresh.class_emb.weight, raw["class_emb.weight"])
 
 
@@ -482,27 +483,27 @@ def one_line(excinfo):
 
 def test_checkpoint_errors_are_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*missing.pt: pass") as e:
-        emigm.load_checkpoint(tmp_path / "missing.pt")
+        checkpoints.load_checkpoint(tmp_path / "missing.pt")
     one_line(e)
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="cannot read .*junk.pt as a checkpoint") as e:
-        emigm.load_checkpoint(tmp_path / "junk.pt")
+        checkpoints.load_checkpoint(tmp_path / "junk.pt")
     one_line(e)
     model = small_model()
     torch.save({"model": model.state_dict(), "ema": model.state_dict()}, tmp_path / "full.pt")
     data = (tmp_path / "full.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cannot read .*truncated.pt as a checkpoint") as e:
-        emigm.load_checkpoint(tmp_path / "truncated.pt")
+        checkpoints.load_checkpoint(tmp_path / "truncated.pt")
     one_line(e)
     with pytest.raises(ValueError, match="cannot read .*") as e:
-        emigm.load_checkpoint(tmp_path)  # a folder
+        checkpoints.load_checkpoint(tmp_path)  # a folder
     one_line(e)
     torch.save({"weights": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="no 'model'/'ema'/'model_ema'"):
-        emigm.load_checkpoint(tmp_path / "other.pt")
+        checkpoints.load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(ValueError, match="checkpoint has no 'diffusion_pos_embed_learned'"):
-        emigm.load_weights(model, {"ema": {"weight": torch.zeros(1)}})
+        checkpoints.load_weights(model, {"ema": {"weight": torch.zeros(1)}})
 
 
 def test_wrong_size_names_the_flags():
@@ -511,9 +512,9 @@ def test_wrong_size_names_the_flags():
         xs = emigm.EMIGM_models["XS"]()
         xs512 = emigm.EMIGM_models["XS"](img_size=512)
     with pytest.raises(ValueError, match=r"checkpoint width 768, this model 448: pass --size B --img-size 256") as e:
-        emigm.load_weights(xs, {"model_ema": b.state_dict()})
+        checkpoints.load_weights(xs, {"model_ema": b.state_dict()})
     one_line(e)
     with pytest.raises(ValueError, match=r"pass --size XS --img-size 512"):
-        emigm.load_weights(xs, {"model_ema": xs512.state_dict()})
+        checkpoints.load_weights(xs, {"model_ema": xs512.state_dict()})
     with pytest.raises(ValueError, match="pass --no-ema"):
-        emigm.load_weights(xs, {"model": xs.state_dict()})
+        checkpoints.load_weights(xs, {"model": xs.state_dict()})

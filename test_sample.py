@@ -257,7 +257,8 @@ def test_analytic_gaussian(head, steps):
             a2 = (2 * ns.marginal_log_mean_coeff(t / 1000 + 1 / ns.total_N)).exp()[:, None]
             v = torch.zeros_like(x)
         eps = (1 - a2).sqrt() * (x - a2.sqrt() * m) / (a2 * s ** 2 + 1 - a2)
-        return torch.cat([eps, v], dim=1)
+        # t is (1,), every row's: v broadcasts as the head's time embedding does
+        return torch.cat([eps, v.expand_as(eps)], dim=1)
 
     gen = torch.Generator().manual_seed(0)
     n = 50_000 if head == "ddpm" else 20_000

@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 import bench
+import checkpoints
 import emigm
 import train
 
@@ -119,7 +120,7 @@ def test_checkpoint_is_plain_data(straight):
                                       class_names=None)  # random tokens: no images
     rebuilt = emigm.EMIGM(**checkpoint["config"])
     # what sample.py does: EMA weights into a model of the config
-    emigm.load_weights(rebuilt, checkpoint)
+    checkpoints.load_weights(rebuilt, checkpoint)
     assert not (out / "last.pt.tmp").exists()  # written to a temporary file, then renamed
 
 

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+import checkpoints
 import cli
 import data
 import emigm
@@ -262,7 +263,7 @@ def save_checkpoint(name, training, step, epoch, args, ddp, data_entry=None):
 def read_resume(path, config):
     """The --resume checkpoint, checked against `config`, the model of the flags."""
     try:
-        checkpoint = emigm.load_checkpoint(path)
+        checkpoint = checkpoints.load_checkpoint(path)
     except (ValueError, FileNotFoundError) as error:  # missing or corrupt
         raise ValueError(f"--resume: {error}") from None
     if not {"config", "rng", "optimizer", "step"} <= set(checkpoint):
