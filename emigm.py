@@ -193,8 +193,8 @@ class GaussianDiffusion:
         return dict(mse=mse, vb=vb, loss=mse + vb)
 
 # ==== The diffusion head: MAR's SimpleMLPAdaLN (keys diffloss.net.*) ====
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+def modulate(x, shift, scale):  # x (1 + scale) + shift, in one pass
+    return torch.addcmul(shift, x, 1 + scale)
 
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of the (maybe fractional) step, then an MLP."""
@@ -221,9 +221,11 @@ class ResBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
-    def forward(self, h, y):  # h, y: (N, w)
-        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
-        return h + gate * self.mlp(modulate(self.in_ln(h), shift, scale))
+    def forward(self, h, y_act):  # h, y_act = SiLU(y): (N, w)
+        # adaLN_modulation is SiLU then Linear: the SiLU is applied once for all blocks
+        shift, scale, gate = self.adaLN_modulation[1](y_act).chunk(3, dim=-1)
+        # h + gate * MLP(...), in one pass
+        return torch.addcmul(h, gate, self.mlp(modulate(self.in_ln(h), shift, scale)))
 
 class FinalLayer(nn.Module):
     def __init__(self, width, out_channels):
@@ -232,8 +234,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, h, y):  # h, y: (N, w)
-        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+    def forward(self, h, y_act):  # h, y_act = SiLU(y): (N, w)
+        shift, scale = self.adaLN_modulation[1](y_act).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(h), shift, scale))
 
 class SimpleMLPAdaLN(nn.Module):
@@ -250,13 +252,17 @@ class SimpleMLPAdaLN(nn.Module):
     def forward(self, x, t, c):
         """t: (N,) or (1,) for every row (the samplers: one time per call)."""
         h = self.input_proj(x)  # (N, w)
-        # each distinct step embedded once: training draws ~1000 steps for many more tokens
-        steps, index = t.unique(return_inverse=True)
-        time_emb = self.time_embed(steps)[index]  # (N or 1, w)
+        if len(t) == 1:  # the samplers: one time for every row
+            time_emb = self.time_embed(t)  # (1, w)
+        else:
+            # each distinct step embedded once: training draws ~1000 steps for many more tokens
+            steps, index = t.unique(return_inverse=True)
+            time_emb = self.time_embed(steps)[index]  # (N, w)
         y = time_emb + self.cond_embed(c)  # (N, w), for every block
+        y_act = F.silu(y)  # the first step of every adaLN_modulation
         for block in self.res_blocks:
-            h = block(h, y)
-        return self.final_layer(h, y)  # (N, 2C)
+            h = block(h, y_act)
+        return self.final_layer(h, y_act)  # (N, 2C)
 
     def initialize_weights(self):
         for m in self.modules():
@@ -293,16 +299,20 @@ class DiffLoss(nn.Module):
         return self.diffusion.training_terms(self.net, x0, t, z, noise)
 
 # ==== The transformer: timm 0.9.12's Block, so that the official keys load ====
-def dropout(x, p):
-    """Dropout in training: zero with probability p, scale the rest by 1 / (1 - p). On CPU
-    from 32-bit integers cut out of 64-bit draws, ~3x cheaper than torch's bernoulli_ (its
-    masks took 10% of an XS step); P(zero) = p up to 2^-32. Elsewhere torch's own."""
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
+def dropout_keep(x, p):
+    """A CPU dropout mask like x: True with probability 1 - p (up to 2^-32). 32-bit integers
+    cut out of 64-bit draws: ~3x cheaper than torch's bernoulli_, whose masks took 10% of
+    an XS training step."""
     words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 1) // 2,), dtype=torch.int64)
     bits = words.view(torch.int32)[:x.numel()].view(x.shape)  # uniform over 32-bit integers
-    keep = bits >= round(p * 2**32) - 2**31
-    return torch.where(keep, x, 0.0) * (1 / (1 - p))
+    return bits >= round(p * 2**32) - 2**31
+
+def dropout(x, p):
+    """Dropout in training: zero with probability p, scale the rest by 1 / (1 - p); on CPU
+    with dropout_keep's masks, elsewhere torch's own."""
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    return torch.where(dropout_keep(x, p), x, 0.0) * (1 / (1 - p))
 
 class Dropout(nn.Dropout):
     """nn.Dropout with the cheaper CPU masks of dropout()."""
@@ -337,9 +347,10 @@ class Attention(nn.Module):
             k, v = kv.reshape(B, N, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         # full bidirectional attention, no mask
         if self.training and self.attn_dropout > 0 and x.device.type == "cpu":
-            # SDPA's math path, with dropout()'s cheaper masks
-            attn = (q @ k.transpose(-2, -1) * head_dim**-0.5).softmax(dim=-1)  # (B, H, n, N)
-            x = dropout(attn, self.attn_dropout) @ v  # (B, H, n, D / H)
+            # SDPA's math path with dropout()'s cheaper masks; both scales on the small side
+            attn = ((q * head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, n, N)
+            keep = dropout_keep(attn, self.attn_dropout)
+            x = (torch.where(keep, attn, 0.0) @ v) * (1 / (1 - self.attn_dropout))
         else:
             dropout_p = self.attn_dropout if self.training else 0.0
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, H, n, D / H)
@@ -370,20 +381,18 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_dropout)
 
     def forward(self, x, read=None):
-        """x (B, N, D) -> (B, N, D); with read (B, N) bool, the same count n per row:
-        only the outputs read (B, n, D), their row-major order (x[read])."""
+        """x (B, N, D) -> (B, N, D); with read (B, n) positions: only those outputs (B, n, D)."""
         if read is None:
             x = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))
-        B, N, D = x.shape
         h = self.norm1(x)
-        x = x[read].reshape(B, -1, D)  # (B, n, D)
-        x = x + self.attn(h, queries=h[read].reshape(B, -1, D))
+        x = x.take_along_dim(read[..., None], dim=1)  # (B, n, D)
+        x = x + self.attn(h, queries=h.take_along_dim(read[..., None], dim=1))
         return x + self.mlp(self.norm2(x))
 
 class Blocks(nn.ModuleList):
-    """Blocks run in order, the last with `read` (Block); keys as a ModuleList's. One
-    module for the stack: torch.compile takes it whole (sample.py, train.py --compile)."""
+    """Blocks run in order, the last with `read` positions (Block); keys as a ModuleList's.
+    One module for the stack: torch.compile takes it whole (sample.py, train.py --compile)."""
 
     def forward(self, x, read=None):
         for block in self[:-1]:
@@ -392,7 +401,7 @@ class Blocks(nn.ModuleList):
             return self[-1](x, read)
         if read is None:  # no block (a test's model)
             return x
-        return x[read].reshape(len(x), -1, x.shape[-1])
+        return x.take_along_dim(read[..., None], dim=1)
 
 # ==== eMIGM (Sec. 3, Fig. 2) ====
 class EMIGM(nn.Module):
@@ -513,13 +522,14 @@ class EMIGM(nn.Module):
         B, L = mask.shape
         if read is None:
             read = torch.ones(B, L, dtype=torch.bool, device=mask.device)
+        # the positions read, in row-major order (the official z[mask]); n per row
+        positions = read.nonzero()[:, 1].reshape(B, -1)  # (B, n)
         # the head reads no buffer slot: the last block leaves them out (Blocks)
-        read_slots = F.pad(read, (self.buffer_size, 0), value=False)  # (B, buf + L)
-        x = self.decoder_blocks(x, read_slots)  # (B, n, D)
+        x = self.decoder_blocks(x, positions + self.buffer_size)  # (B, n, D)
         x = self.decoder_norm(x)
         # one condition per token read
-        positions = self.diffusion_pos_embed_learned.expand(B, -1, -1)[read]  # (B n, D)
-        return x + positions.reshape(B, -1, x.shape[-1])  # (B, n, D)
+        pos_embed = self.diffusion_pos_embed_learned[0, positions]  # (B, n, D)
+        return x + pos_embed
 
     def forward(self, tokens, labels, mask=None, t=None, head_t=None, head_noise=None):
         """The training loss of Sec. 3 (Table 1's objective with MAR's head loss):
@@ -562,6 +572,14 @@ class EMIGM(nn.Module):
             head_loss = weight * head_loss
         # 1/|M| * sum_{i in M}; with nothing masked (per-row masking) 0, not 0 / 0
         return head_loss.sum() / max(len(head_loss), 1)
+
+def compile_model(model, **options):
+    """--compile (train.py, sample.py): torch.compile the encoder and decoder stacks and the
+    head, each one graph for all shapes (dynamic: the encoder's length and the count read
+    change every step); options: inductor's. The data-dependent indexing stays eager."""
+    for part in (model.encoder_blocks, model.decoder_blocks, model.diffloss.net):
+        part.compile(dynamic=True, options=options)
+    return model
 
 # ==== Size presets (Table 2; the heads of Tables 6 and 7) ====
 # 256px: KL-16 VAE, 16x16 latents of 16 channels; 512px: DC-AE f32c32, 16x16 of 32 channels
