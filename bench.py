@@ -63,11 +63,15 @@ def training(args, steps=BENCH_STEPS, count_flops=True):
     model = train.build_model(args.size, args.img_size, train.model_overrides(args), device)
     training = train.Training(model, lr, args.weight_decay, args.grad_clip, args.ema_decay,
                               precision, accum_steps=args.accum_steps,
-                              grad_checkpointing=args.grad_checkpointing)
+                              grad_checkpointing=args.grad_checkpointing,
+                              compile=args.compile)
     tokens = torch.randn(batch_size, model.seq_len, model.token_channels, device=device)
     labels = torch.arange(batch_size, device=device) % model.num_classes
-    for _ in range(2):  # warm-up
+    for _ in range(2):  # warm-up (and --compile's compilation)
+        start = time.perf_counter()
         training.step(tokens, labels)
+        if args.compile:
+            print(f"torch.compile: warm-up step {time.perf_counter() - start:.1f} s", flush=True)
     torch.manual_seed(args.seed)
     times = []
     cpu_times = []
@@ -84,7 +88,8 @@ def training(args, steps=BENCH_STEPS, count_flops=True):
     # the steps' peak, before the FLOP count (its math attention keeps (B, H, N, N))
     peak_gb = cli.peak_memory_gb(device)
     setting = (f"{precision}, {args.accum_steps} micro-batch(es)"
-               f"{', grad checkpointing' if args.grad_checkpointing else ''}")
+               f"{', grad checkpointing' if args.grad_checkpointing else ''}"
+               f"{', compiled' if args.compile else ''}")
     print(f"eMIGM-{args.size}, {model.seq_len} tokens x {model.token_channels} ch, batch "
           f"{batch_size}, {device}, {torch.get_num_threads()} threads, {setting}: step "
           f"{seconds:.3f} s ({cpu_seconds:.3f} CPU-s, median of {steps}), "
@@ -130,7 +135,7 @@ def training_memory(flags):
 
 
 # ==== The sampler (sample.py --bench) ====
-def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64)):
+def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64), compile=False):
     """s/image and share of the fp32 matmul peak per K and batch; at the first batch size, CFG on
     the interval / every step and K = 128 / 16 beside NFE. CPU time: jobs disturb it less;
     on a GPU (bf16, as sample.py) the synchronized wall time."""
@@ -140,7 +145,9 @@ def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64)):
     model = emigm.EMIGM_models["XS"]().eval().to(device)
     presets = sample.PRESETS["XS", 256]
     flops = []  # forward hooks count exactly what runs (attention: q k^T and attn v)
-    for module in model.modules():
+    if compile:  # as sample.py --compile; hooks do not run in compiled graphs: no FLOPs
+        emigm.compile_model(model, freezing=True)
+    for module in model.modules() if not compile else []:
         if isinstance(module, torch.nn.Linear):
             module.register_forward_hook(
                 lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
@@ -153,7 +160,8 @@ def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64)):
           f"threads)")
     b = bench_batches[0]
     every_step = (16, b, (0.0, 1.0))
-    runs = [(2, 1, (0.1, 0.3))]  # a warm-up, then every K and batch, then CFG on every step
+    # warm-ups (--compile: compiling), then every K and batch, then CFG on every step
+    runs = [(2, 1, (0.1, 0.3))] + [(2, b, (0.1, 0.3))] * compile
     runs += [(k, batch, presets[k]["cfg_interval"]) for k in bench_k for batch in bench_batches]
     runs += [every_step] if 16 in bench_k else []
     results = {}  # (K, batch, interval) -> (CPU seconds, NFE, FLOPs)
@@ -172,6 +180,9 @@ def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64)):
         wall = time.perf_counter() - wall
         f = sample.nfe(k, 4.0, interval)[1]
         results[k, batch, interval] = (cpu, k * f, sum(flops))
+        if compile and k == 2:
+            print(f"torch.compile: warm-up at batch {batch} took {wall:.1f} s", flush=True)
+            continue
         print(f"K={k:3d} NFE = {k} x {f:.4f} (interval {interval}), batch {batch:2d}: "
               f"{wall / batch:.3f} s/image wall, {cpu / batch:.3f} {unit}/image, "
               f"{sum(flops) / 1e12:.3f} TFLOP, {sum(flops) / cpu / peak:.0%} of the matmul peak",
@@ -234,10 +245,11 @@ def training_step(model, tokens, labels):
             torch._foreach_add_(ema_params, params, alpha=1e-4)
     return step
 
-def compare(directory, rounds=5, sample_batches=(4, 16)):
+def compare(directory, rounds=5, sample_batches=(4, 16), compile=False):
     """train.py --bench (XS, batch 8) and sample.py --bench (XS, K = 16, 8 DPM-Solver steps,
     CFG 4 on (0.1, 0.3]) of this checkout and of `directory`, alternating in this process
-    on the same weights and inputs: median of `rounds`, and the speed-up."""
+    on the same weights and inputs: median of `rounds`, and the speed-up. compile: ours
+    with --compile (its compilation in the warm-ups)."""
     theirs = load_checkout(directory)
     models = {}
     for name, module in (("theirs", theirs["emigm"]), ("ours", emigm)):
@@ -246,20 +258,28 @@ def compare(directory, rounds=5, sample_batches=(4, 16)):
     models["theirs"].load_state_dict(models["ours"].state_dict())
     tokens = torch.randn(8, 256, 16)
     labels = torch.arange(8)
+    # sampling: eval copies (--compile: ours with constant weights)
+    samplers = {name: copy.deepcopy(model).eval() for name, model in models.items()}
+    if compile:
+        emigm.compile_model(models["ours"])
+        emigm.compile_model(samplers["ours"], freezing=True)
     steps = {name: training_step(model.train(), tokens, labels) for name, model in models.items()}
     for step in steps.values():  # warm-up
         step()
     rows = {"train step, batch 8": timed_median(steps, rounds)}
-    samplers = {"theirs": theirs["sample"], "ours": sample}
+    sample_modules = {"theirs": theirs["sample"], "ours": sample}
     for batch in sample_batches:
         def sampling(name, batch=batch):
             generator = torch.Generator().manual_seed(0)
-            samplers[name].sample_tokens(models[name].eval(), torch.arange(batch), 16, 4.0,
-                                         "constant", (0.1, 0.3), "dpm-solver", 8,
-                                         generator=generator)
-        runs = {name: partial(sampling, name) for name in samplers}
+            sample_modules[name].sample_tokens(samplers[name], torch.arange(batch), 16, 4.0,
+                                               "constant", (0.1, 0.3), "dpm-solver", 8,
+                                               generator=generator)
+        runs = {name: partial(sampling, name) for name in sample_modules}
+        if compile:  # warm-up: the compilation at this batch size
+            sampling("ours")
         rows[f"sample K=16, batch {batch}"] = timed_median(runs, rounds)
-    print(f"median of {rounds}, alternating, {torch.get_num_threads()} threads; theirs: {directory}")
+    print(f"median of {rounds}, alternating, {torch.get_num_threads()} threads; theirs: "
+          f"{directory}; ours{' with --compile' if compile else ''}")
     print(f"{'work':24s} {'theirs s':>9s} {'ours s':>9s} {'speed-up':>9s}")
     for work, row in rows.items():
         print(f"{work:24s} {row['theirs']:9.3f} {row['ours']:9.3f} {row['theirs'] / row['ours']:8.2f}x")
@@ -273,6 +293,7 @@ def main(argv=None):
     sampler = commands.add_parser("sample", help="the sampler of sample.py, XS at 256 px")
     sampler.add_argument("--bench-k", type=int, nargs="+", default=[16, 128], choices=[16, 128])
     sampler.add_argument("--bench-batches", type=cli.positive_int, nargs="+", default=[1, 16, 64])
+    sampler.add_argument("--compile", action="store_true", help="as sample.py --compile")
     commands.add_parser("train", help="a training step of train.py: the flags of train.py --bench",
                         add_help=False)
     commands.add_parser("train-memory", add_help=False,
@@ -281,6 +302,7 @@ def main(argv=None):
     against.add_argument("--against", type=checkout_dir, required=True,
                          help="another checkout, e.g. git worktree add ../base 5afb9bc")
     against.add_argument("--rounds", type=cli.positive_int, default=5)
+    against.add_argument("--compile", action="store_true", help="ours with --compile")
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":  # train.py parses and checks its own flags
         train.main(["--bench", *rest])
@@ -294,9 +316,9 @@ def main(argv=None):
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "compare":
-        compare(args.against, args.rounds)
+        compare(args.against, args.rounds, compile=args.compile)
         return
-    sampling(args.bench_k, args.bench_batches)
+    sampling(args.bench_k, args.bench_batches, args.compile)
 
 
 if __name__ == "__main__":

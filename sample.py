@@ -503,6 +503,9 @@ def run(args):
                                    img_size=data["img_size"],
                                    in_channels=data["channels"])
     tok = tok.to(ddp.device).eval()
+    if args.compile:
+        # the weights as constants (inductor's freezing): nothing trains here
+        emigm.compile_model(model, freezing=True)
     if tok.channels != model.token_channels:
         raise ValueError(f"{tok.kind} tokens: {tok.channels} channels, the "
                          f"model's: {model.token_channels}")
@@ -555,6 +558,8 @@ def build_parser():
     p.add_argument("--temperature", type=positive_float, default=1.0, help="ddpm only")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="the transformer's autocast (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the stacks and the head (the first batch compiles)")
     p.add_argument("--no-ema", action="store_true",
                    help="the raw weights instead of the EMA")
     p.add_argument("--tokenizer", choices=["kl16", "dcae", "pixel"],
@@ -594,7 +599,7 @@ def main(argv=None):
         if args.bench:
             # the benchmarks of train.py and sample.py live in bench.py
             import bench
-            bench.sampling(args.bench_k, args.bench_batches)
+            bench.sampling(args.bench_k, args.bench_batches, args.compile)
         else:
             run(args)
     except (ValueError, FileNotFoundError) as error:

@@ -104,7 +104,7 @@ class Training:
 
     def __init__(self, model, lr, weight_decay, grad_clip=3.0, ema_decay=0.9999,
                  precision="fp32", ddp=False, accum_steps=1,
-                 grad_checkpointing=False):
+                 grad_checkpointing=False, compile=False):
         self.model = model
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()  # from the init
         groups = param_groups(model, weight_decay)
@@ -115,6 +115,8 @@ class Training:
             self.train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None)
         if grad_checkpointing:  # after the EMA copy
             checkpoint_blocks(model)
+        if compile:  # the stacks and the head; compiled at their first call
+            emigm.compile_model(model)
         self.params = list(model.parameters())
         self.ema_params = list(self.ema.parameters())
         self.max_norm = grad_clip if grad_clip > 0 else math.inf  # 0: no clipping
@@ -345,10 +347,15 @@ def train_loop(args, training, data, loader, ddp, logger, metric, step, total_st
                 stats["grad_norm"] = 0.0
             sums += torch.tensor([stats["loss"], stats["grad_norm"], 1], dtype=torch.float64)
             step += 1
+            if args.compile and bar.n == bar.initial:
+                # the first step compiled: its time is not a step's (logs begin after it)
+                logger.info(f"torch.compile: the first step took {time.time() - start:.1f} s")
+                sums.zero_()
+                start = time.time()
             bar.update(1)
             epoch = step / steps_per_epoch
             last = step == total_steps
-            if step % args.log_every == 0 or last:
+            if (step % args.log_every == 0 or last) and sums[2] > 0:
                 log_progress(sums, time.time() - start, step, epoch, lr, args, ddp, logger)
                 sums.zero_()
                 start = time.time()
@@ -395,7 +402,7 @@ def run(args):
     model = build_model(args.size, args.img_size, overrides, ddp.device)
     training = Training(model, args.lr, args.weight_decay, args.grad_clip, args.ema_decay,
                         args.precision, ddp.world_size > 1, args.accum_steps,
-                        args.grad_checkpointing)
+                        args.grad_checkpointing, args.compile)
 
     # Setup data (sets in memory or memory-mapped load in the main process):
     train_data = data.build_data(args, spec, model, ddp.device)
@@ -540,6 +547,7 @@ def build_parser(argv=None):
                    help="default: bf16 on CUDA, fp32 on CPU (others slow there)")
     p.add_argument("--accum-steps", type=positive_int, default=1, help="micro-batches")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile the stacks and head")
     p.add_argument("--seed", type=nonnegative_int, default=1, help="rank r: seed + r")
     # the model (None: the preset's value, the paper's)
     p.add_argument("--mask-schedule", choices=list(emigm.SCHEDULES), help="Fig. 2a")

@@ -1,0 +1,160 @@
+"""Tests of the speed levers of emigm.py (issue 14): each computes the same function as the plain
+computation it replaces, and --compile computes the same as eager mode.
+- dropout on CPU: masks from 32-bit integers (P(zero) = p, the survivors scaled by 1 / (1 - p));
+  attention dropout on SDPA's math path;
+- the last decoder block only at the positions the head reads;
+- the head's time embedding once per distinct step, SiLU(y) once for all adaLN layers;
+- torch.compile of the stacks and the head (train.py / sample.py --compile).
+Run: python -m pytest -q test_speed.py"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import emigm
+import sample
+from test_emigm import FP32_TOL, rel_err, small_model, trained_looking
+
+
+# ---- dropout
+@pytest.mark.parametrize("p", [0.02, 0.1, 0.5])
+def test_dropout_zeroes_a_share_p_and_scales_the_rest(p):
+    """2M draws: the share zeroed is p within 5 binomial standard errors, in the even and
+    odd elements alike (the two halves of each 64-bit draw); the rest is x / (1 - p)."""
+    torch.manual_seed(0)
+    x = torch.full((2000, 1000), 3.0)
+    out = emigm.dropout(x, p)
+    zero = out == 0
+    tolerance = 5 * (p * (1 - p) / (x.numel() / 2)) ** 0.5
+    for half in (zero.flatten()[0::2], zero.flatten()[1::2]):
+        assert abs(half.float().mean().item() - p) < tolerance
+    assert torch.equal(out[~zero], x[~zero] * (1 / (1 - p)))
+
+
+def test_dropout_module_in_eval_and_at_zero_is_the_identity():
+    x = torch.randn(4, 8)
+    assert torch.equal(emigm.Dropout(0.1).eval()(x), x)
+    assert torch.equal(emigm.Dropout(0.0).train()(x), x)
+
+
+def test_dropout_gradient_is_the_mask_times_the_scale():
+    torch.manual_seed(1)
+    x = torch.randn(64, 64, requires_grad=True)
+    out = emigm.dropout(x, 0.1)
+    out.sum().backward()
+    expected = torch.where(out != 0, 1 / 0.9, 0.0)
+    assert torch.allclose(x.grad, expected)
+
+
+def test_attention_dropout_path_is_sdpa_with_that_mask(monkeypatch):
+    """The CPU training path (math attention) with a given keep mask equals softmax(q k^T /
+    sqrt(d)) with the dropped entries zeroed, times 1 / (1 - p), then v."""
+    torch.manual_seed(2)
+    attention = emigm.Attention(32, num_heads=2, attn_dropout=0.25, proj_dropout=0.0).train()
+    x = torch.randn(3, 10, 32)
+    keep = torch.rand(3, 2, 10, 10) > 0.25
+    monkeypatch.setattr(emigm, "dropout_keep", lambda attn, p: keep)
+    q, k, v = attention.qkv(x).reshape(3, 10, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    weights = F.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1) * keep / 0.75
+    expected = attention.proj((weights @ v).transpose(1, 2).reshape(3, 10, 32))
+    assert rel_err(attention(x), expected) <= FP32_TOL
+
+
+# ---- the last decoder block at the positions read
+def plain_decoder(model, x, mask):
+    """forward_decoder as the official code computes it: every block at every position."""
+    x = model.decoder_embed(x)
+    keep = ~F.pad(mask, (model.buffer_size, 0), value=False)
+    full = model.mask_token.expand(*keep.shape, -1).clone()
+    full[keep] = x.reshape(-1, x.shape[-1])
+    x = full + model.decoder_pos_embed_learned
+    for block in model.decoder_blocks:
+        x = x + block.attn(block.norm1(x))
+        x = x + block.mlp(block.norm2(x))
+    x = model.decoder_norm(x)
+    return x[:, model.buffer_size:] + model.diffusion_pos_embed_learned
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_decoder_reads_only_the_positions_asked_for(depth):
+    """z at the positions read (the same count per row, row-major) = the plain decoder's z
+    there; without `read`, the plain decoder's z everywhere."""
+    model = trained_looking(small_model(depth=depth)).eval()
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randn(3, 16, 4, generator=g)
+    mask = torch.rand(3, 16, generator=g).argsort(1) < 6  # 6 masked per row
+    read = torch.rand(3, 16, generator=g).argsort(1) < 5  # 5 read per row, anywhere
+    with torch.no_grad():
+        encoded = model.forward_encoder(tokens, mask, model.class_emb(torch.tensor([0, 1, 2])))
+        plain = plain_decoder(model, encoded, mask)  # (3, 16, D)
+        z_read = model.forward_decoder(encoded, mask, read)  # (3, 5, D)
+        z_all = model.forward_decoder(encoded, mask)
+    assert z_read.shape == (3, 5, 32)
+    assert rel_err(z_read, plain[read].reshape(3, 5, -1)) <= FP32_TOL
+    assert rel_err(z_all, plain) <= FP32_TOL
+
+
+# ---- the head
+def plain_head(net, x, t, c):
+    """MAR's SimpleMLPAdaLN.forward: every row's time embedding, each adaLN its own SiLU."""
+    h = net.input_proj(x)
+    y = net.time_embed.mlp(time_frequencies(net.time_embed, t)) + net.cond_embed(c)
+    for block in net.res_blocks:
+        shift, scale, gate = block.adaLN_modulation(y).chunk(3, dim=-1)
+        h = h + gate * block.mlp(block.in_ln(h) * (1 + scale) + shift)
+    shift, scale = net.final_layer.adaLN_modulation(y).chunk(2, dim=-1)
+    return net.final_layer.linear(net.final_layer.norm_final(h) * (1 + scale) + shift)
+
+
+def time_frequencies(embedder, t):
+    half = embedder.freq_dim // 2
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(half) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def test_head_embeds_each_distinct_step_once_and_broadcasts_one_time():
+    """Steps drawn with repeats (training) and one time for all rows (the samplers) give
+    MAR's per-row function."""
+    net = trained_looking(small_model()).diffloss.net.eval()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(50, 4, generator=g)
+    c = torch.randn(50, 32, generator=g)
+    t = torch.randint(0, 10, (50,), generator=g)  # many repeats
+    with torch.no_grad():
+        assert rel_err(net(x, t, c), plain_head(net, x, t, c)) <= FP32_TOL
+        one = torch.tensor([412.5])
+        expected = plain_head(net, x, one.expand(50), c)
+        assert rel_err(net(x, one, c), expected) <= FP32_TOL
+
+
+# ---- torch.compile
+def test_compiled_model_equals_eager_in_training_and_sampling():
+    """emigm.compile_model (train.py --compile) on a tiny model: the same loss and gradients
+    as eager (one replayed mask, head steps and noise); with frozen weights (sample.py
+    --compile) the same tokens from the same generator. Within fp32 tolerance."""
+    torch.set_num_threads(1)
+    eager = trained_looking(small_model(attn_dropout=0.0, proj_dropout=0.0, label_drop_prob=0.0))
+    compiled = emigm.compile_model(copy.deepcopy(eager))
+    g = torch.Generator().manual_seed(6)
+    tokens = torch.randn(2, 16, 4, generator=g)
+    labels = torch.tensor([1, 3])
+    mask = torch.rand(2, 16, generator=g).argsort(1) < 7
+    head_t = torch.randint(0, 1000, (4 * 2 * 16,), generator=g)
+    head_noise = torch.randn(4 * 2 * 16, 4, generator=g)
+    losses = []
+    for model in (eager, compiled):
+        model.train().zero_grad()
+        loss = model(tokens, labels, mask=mask, t=0.5, head_t=head_t, head_noise=head_noise)
+        loss.backward()
+        losses.append(loss)
+    assert rel_err(losses[1], losses[0]) <= FP32_TOL
+    for p_eager, p_compiled in zip(eager.parameters(), compiled.parameters()):
+        assert rel_err(p_compiled.grad, p_eager.grad) <= 1e-4
+    frozen = emigm.compile_model(copy.deepcopy(eager).eval(), freezing=True)
+    samples = []
+    for model in (eager.eval(), frozen):
+        generator = torch.Generator().manual_seed(0)
+        samples.append(sample.sample_tokens(model, labels, 4, 2.0, generator=generator))
+    assert rel_err(samples[1], samples[0]) <= 1e-4
