@@ -146,7 +146,7 @@ def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64), compile=False):
     presets = sample.PRESETS["XS", 256]
     flops = []  # forward hooks count exactly what runs (attention: q k^T and attn v)
     if compile:  # as sample.py --compile; hooks do not run in compiled graphs: no FLOPs
-        emigm.compile_model(model, freezing=True)
+        cli.compile_model(model, freezing=True)
     for module in model.modules() if not compile else []:
         if isinstance(module, torch.nn.Linear):
             module.register_forward_hook(
@@ -183,16 +183,17 @@ def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64), compile=False):
         if compile and k == 2:
             print(f"torch.compile: warm-up at batch {batch} took {wall:.1f} s", flush=True)
             continue
+        counted = f", {sum(flops) / 1e12:.3f} TFLOP, {sum(flops) / cpu / peak:.0%} of the matmul peak"
         print(f"K={k:3d} NFE = {k} x {f:.4f} (interval {interval}), batch {batch:2d}: "
-              f"{wall / batch:.3f} s/image wall, {cpu / batch:.3f} {unit}/image, "
-              f"{sum(flops) / 1e12:.3f} TFLOP, {sum(flops) / cpu / peak:.0%} of the matmul peak",
-              flush=True)
+              f"{wall / batch:.3f} s/image wall, {cpu / batch:.3f} {unit}/image"
+              f"{counted if not compile else ''}", flush=True)
     k16 = (16, b, presets[16]["cfg_interval"])
     k128 = (128, b, presets[128]["cfg_interval"])
     checks = {"CFG interval / on every step": (k16, every_step), "K=128 / K=16": (k128, k16)}
     for name, (top, bottom) in checks.items():
         if top in results and bottom in results:
-            cpu, nfe_ratio, flops_ratio = [x / y for x, y in zip(results[top], results[bottom])]
+            cpu, nfe_ratio = [x / y for x, y in zip(results[top][:2], results[bottom][:2])]
+            flops_ratio = results[top][2] / max(results[bottom][2], 1)  # 0 when compiled
             print(f"{name} (batch {b}): CPU time {cpu:.3f}; NFE {nfe_ratio:.3f}, FLOPs {flops_ratio:.3f}")
 
 
@@ -261,8 +262,8 @@ def compare(directory, rounds=5, sample_batches=(4, 16), compile=False):
     # sampling: eval copies (--compile: ours with constant weights)
     samplers = {name: copy.deepcopy(model).eval() for name, model in models.items()}
     if compile:
-        emigm.compile_model(models["ours"])
-        emigm.compile_model(samplers["ours"], freezing=True)
+        cli.compile_model(models["ours"])
+        cli.compile_model(samplers["ours"], freezing=True)
     steps = {name: training_step(model.train(), tokens, labels) for name, model in models.items()}
     for step in steps.values():  # warm-up
         step()

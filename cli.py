@@ -42,6 +42,14 @@ def peak_memory_gb(device):
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
+def compile_model(model, **options):
+    """--compile (train.py, sample.py): torch.compile an eMIGM's encoder and decoder stacks and
+    its head, each one graph for all shapes (dynamic: the encoder's length and the count read
+    change every step); options: inductor's. The data-dependent indexing stays eager."""
+    for part in (model.encoder_blocks, model.decoder_blocks, model.diffloss.net):
+        part.compile(dynamic=True, options=options)
+    return model
+
 # ==== Command-line value types: a bad value exits 2 with one line; None means the default ====
 def positive_int(text):
     """A count: steps, K, batch sizes, images."""

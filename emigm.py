@@ -193,8 +193,8 @@ class GaussianDiffusion:
         return dict(mse=mse, vb=vb, loss=mse + vb)
 
 # ==== The diffusion head: MAR's SimpleMLPAdaLN (keys diffloss.net.*) ====
-def modulate(x, shift, scale):  # x (1 + scale) + shift, in one pass
-    return torch.addcmul(shift, x, 1 + scale)
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
 
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of the (maybe fractional) step, then an MLP."""
@@ -224,8 +224,7 @@ class ResBlock(nn.Module):
     def forward(self, h, y_act):  # h, y_act = SiLU(y): (N, w)
         # adaLN_modulation is SiLU then Linear: the SiLU is applied once for all blocks
         shift, scale, gate = self.adaLN_modulation[1](y_act).chunk(3, dim=-1)
-        # h + gate * MLP(...), in one pass
-        return torch.addcmul(h, gate, self.mlp(modulate(self.in_ln(h), shift, scale)))
+        return h + gate * self.mlp(modulate(self.in_ln(h), shift, scale))
 
 class FinalLayer(nn.Module):
     def __init__(self, width, out_channels):
@@ -307,20 +306,15 @@ def dropout_keep(x, p):
     bits = words.view(torch.int32)[:x.numel()].view(x.shape)  # uniform over 32-bit integers
     return bits >= round(p * 2**32) - 2**31
 
-def dropout(x, p):
-    """Dropout in training: zero with probability p, scale the rest by 1 / (1 - p); on CPU
-    with dropout_keep's masks, elsewhere torch's own."""
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    return torch.where(dropout_keep(x, p), x, 0.0) * (1 / (1 - p))
-
 class Dropout(nn.Dropout):
-    """nn.Dropout with the cheaper CPU masks of dropout()."""
+    """nn.Dropout: zero with probability p, the rest times 1 / (1 - p); dropout_keep on CPU."""
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        return dropout(x, self.p)
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        return torch.where(dropout_keep(x, self.p), x, 0.0) * (1 / (1 - self.p))
 
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, attn_dropout, proj_dropout):
@@ -392,16 +386,14 @@ class Block(nn.Module):
 
 class Blocks(nn.ModuleList):
     """Blocks run in order, the last with `read` positions (Block); keys as a ModuleList's.
-    One module for the stack: torch.compile takes it whole (sample.py, train.py --compile)."""
+    One module for the stack: torch.compile takes it whole (cli.compile_model)."""
 
     def forward(self, x, read=None):
         for block in self[:-1]:
             x = block(x)
-        if len(self) > 0:
-            return self[-1](x, read)
-        if read is None:  # no block (a test's model)
-            return x
-        return x.take_along_dim(read[..., None], dim=1)
+        if len(self) == 0:  # no block (a test's model): read directly
+            return x if read is None else x.take_along_dim(read[..., None], dim=1)
+        return self[-1](x, read)
 
 # ==== eMIGM (Sec. 3, Fig. 2) ====
 class EMIGM(nn.Module):
@@ -572,14 +564,6 @@ class EMIGM(nn.Module):
             head_loss = weight * head_loss
         # 1/|M| * sum_{i in M}; with nothing masked (per-row masking) 0, not 0 / 0
         return head_loss.sum() / max(len(head_loss), 1)
-
-def compile_model(model, **options):
-    """--compile (train.py, sample.py): torch.compile the encoder and decoder stacks and the
-    head, each one graph for all shapes (dynamic: the encoder's length and the count read
-    change every step); options: inductor's. The data-dependent indexing stays eager."""
-    for part in (model.encoder_blocks, model.decoder_blocks, model.diffloss.net):
-        part.compile(dynamic=True, options=options)
-    return model
 
 # ==== Size presets (Table 2; the heads of Tables 6 and 7) ====
 # 256px: KL-16 VAE, 16x16 latents of 16 channels; 512px: DC-AE f32c32, 16x16 of 32 channels

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import checkpoints
 import emigm
 from head_samplers import HEAD_SAMPLERS, draw
-from cli import batch_seed, guidance_scale, nonnegative_int, peak_memory_gb
+from cli import batch_seed, compile_model, guidance_scale, nonnegative_int, peak_memory_gb
 from cli import positive_float, positive_int, setup_distributed, unit_interval
 
 # the sampler's last time (training uses emigm.TRAIN_T_EPS)
@@ -142,11 +142,10 @@ def predict_revealed(model, tokens, mask, reveal, class_emb, *, cfg=1.0, guided=
         # the head's conditions: only the tokens revealed now (the same count per row)
         z = model.forward_decoder(encoded, m, read=r)  # (B or 2B, n / B, D)
     # row-major as the official z[mask_to_pred]
-    z = z.reshape(len(x), -1, z.shape[-1]).to(tokens.dtype)
-    z_cond = z[:B].flatten(0, 1)  # (n, D)
+    z_cond = z[:B].flatten(0, 1).to(tokens.dtype)  # (n, D)
     z_uncond = None
     if guided:
-        z_uncond = z[B:].flatten(0, 1)  # (n, D)
+        z_uncond = z[B:].flatten(0, 1).to(tokens.dtype)  # (n, D)
     if noise is None:
         noise = draw(torch.randn, (len(z_cond), C), generator, z.device)
     head_sample = HEAD_SAMPLERS[head_sampler]
@@ -505,7 +504,7 @@ def run(args):
     tok = tok.to(ddp.device).eval()
     if args.compile:
         # the weights as constants (inductor's freezing): nothing trains here
-        emigm.compile_model(model, freezing=True)
+        compile_model(model, freezing=True)
     if tok.channels != model.token_channels:
         raise ValueError(f"{tok.kind} tokens: {tok.channels} channels, the "
                          f"model's: {model.token_channels}")
@@ -537,12 +536,9 @@ def build_parser():
     of the model's size and K."""
     p = argparse.ArgumentParser(
         description="eMIGM sampling: a grid PNG, an ADM .npz, --bench")
-    p.add_argument("--ckpt",
-                   help="ours (with a config) or an official one (then --size)")
-    p.add_argument("--size", choices=list(emigm.EMIGM_models),
-                   help="official checkpoints only")
-    p.add_argument("--img-size", type=int, choices=[256, 512],
-                   help="official checkpoints only")
+    p.add_argument("--ckpt", help="ours (with a config) or an official one (then --size)")
+    p.add_argument("--size", choices=list(emigm.EMIGM_models), help="official checkpoints only")
+    p.add_argument("--img-size", type=int, choices=[256, 512], help="official checkpoints only")
     p.add_argument("--nfe", dest="num_iter", type=positive_int, default=16,
                    help="K, the steps ('128 x 1.4' is K = 128). "
                         "Presets: 16, 128; 512 px: 16, 64")
@@ -553,15 +549,13 @@ def build_parser():
     p.add_argument("--mask-schedule", choices=list(emigm.SCHEDULES),
                    help="default: the model's")
     p.add_argument("--head-sampler", default="dpm-solver", choices=list(HEAD_SAMPLERS))
-    p.add_argument("--head-steps", type=positive_int,
-                   help="presets: 8 (K=16), 14; ddpm: 100")
+    p.add_argument("--head-steps", type=positive_int, help="presets: 8 (K=16), 14; ddpm: 100")
     p.add_argument("--temperature", type=positive_float, default=1.0, help="ddpm only")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="the transformer's autocast (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the stacks and the head (the first batch compiles)")
-    p.add_argument("--no-ema", action="store_true",
-                   help="the raw weights instead of the EMA")
+    p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     p.add_argument("--tokenizer", choices=["kl16", "dcae", "pixel"],
                    help="default: the model's")
     p.add_argument("--vae", help="kl16.ckpt or the DC-AE diffusers directory")
@@ -569,25 +563,20 @@ def build_parser():
     p.add_argument("--batch-size", type=positive_int, default=32, help="per process")
     p.add_argument("--classes", type=nonnegative_int, nargs="+",
                    help="grid rows (default: DiT's 8)")
-    p.add_argument("--per-class", type=positive_int, default=8,
-                   help="--inpaint: grid columns")
-    p.add_argument("--unconditional", action="store_true",
-                   help="no labels, no CFG (any model)")
+    p.add_argument("--per-class", type=positive_int, default=8, help="--inpaint: grid columns")
+    p.add_argument("--unconditional", action="store_true", help="no labels, no CFG (any model)")
     p.add_argument("--inpaint",
                    help="images.npz (ADM: arr_0 uint8 (N, H, W, C)) or 'fashion-mnist'")
     p.add_argument("--region",
                    help="--inpaint: bottom (default), top, left, right, center, border")
-    p.add_argument("--mask-image",
-                   help="--inpaint's unknown area: a PNG's white pixels")
-    p.add_argument("--grid", default="samples.png",
-                   help="the grid PNG, in an existing folder")
+    p.add_argument("--mask-image", help="--inpaint's unknown area: a PNG's white pixels")
+    p.add_argument("--grid", default="samples.png", help="the grid PNG, in an existing folder")
     p.add_argument("--num-images", type=positive_int,
                    help="bulk mode: OUT/samples.npz; --inpaint: N")
     p.add_argument("--out", help="bulk mode folder")
     p.add_argument("--fid-ref", help="reference stats for fid.py, or 'fashion-mnist'")
     p.add_argument("--inception", help="Inception weights for --fid-ref")
-    p.add_argument("--bench", action="store_true",
-                   help="time the sampler on random XS weights")
+    p.add_argument("--bench", action="store_true", help="time the sampler on random XS weights")
     p.add_argument("--bench-k", type=int, nargs="+", default=[16, 128], choices=[16, 128])
     p.add_argument("--bench-batches", type=positive_int, nargs="+", default=[1, 16, 64])
     return p

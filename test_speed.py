@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import cli
 import emigm
 import sample
 from test_emigm import FP32_TOL, rel_err, small_model, trained_looking
@@ -24,7 +25,7 @@ def test_dropout_zeroes_a_share_p_and_scales_the_rest(p):
     odd elements alike (the two halves of each 64-bit draw); the rest is x / (1 - p)."""
     torch.manual_seed(0)
     x = torch.full((2000, 1000), 3.0)
-    out = emigm.dropout(x, p)
+    out = emigm.Dropout(p).train()(x)
     zero = out == 0
     tolerance = 5 * (p * (1 - p) / (x.numel() / 2)) ** 0.5
     for half in (zero.flatten()[0::2], zero.flatten()[1::2]):
@@ -41,7 +42,7 @@ def test_dropout_module_in_eval_and_at_zero_is_the_identity():
 def test_dropout_gradient_is_the_mask_times_the_scale():
     torch.manual_seed(1)
     x = torch.randn(64, 64, requires_grad=True)
-    out = emigm.dropout(x, 0.1)
+    out = emigm.Dropout(0.1).train()(x)
     out.sum().backward()
     expected = torch.where(out != 0, 1 / 0.9, 0.0)
     assert torch.allclose(x.grad, expected)
@@ -131,12 +132,12 @@ def test_head_embeds_each_distinct_step_once_and_broadcasts_one_time():
 
 # ---- torch.compile
 def test_compiled_model_equals_eager_in_training_and_sampling():
-    """emigm.compile_model (train.py --compile) on a tiny model: the same loss and gradients
+    """cli.compile_model (train.py --compile) on a tiny model: the same loss and gradients
     as eager (one replayed mask, head steps and noise); with frozen weights (sample.py
     --compile) the same tokens from the same generator. Within fp32 tolerance."""
     torch.set_num_threads(1)
     eager = trained_looking(small_model(attn_dropout=0.0, proj_dropout=0.0, label_drop_prob=0.0))
-    compiled = emigm.compile_model(copy.deepcopy(eager))
+    compiled = cli.compile_model(copy.deepcopy(eager))
     g = torch.Generator().manual_seed(6)
     tokens = torch.randn(2, 16, 4, generator=g)
     labels = torch.tensor([1, 3])
@@ -152,7 +153,7 @@ def test_compiled_model_equals_eager_in_training_and_sampling():
     assert rel_err(losses[1], losses[0]) <= FP32_TOL
     for p_eager, p_compiled in zip(eager.parameters(), compiled.parameters()):
         assert rel_err(p_compiled.grad, p_eager.grad) <= 1e-4
-    frozen = emigm.compile_model(copy.deepcopy(eager).eval(), freezing=True)
+    frozen = cli.compile_model(copy.deepcopy(eager).eval(), freezing=True)
     samples = []
     for model in (eager.eval(), frozen):
         generator = torch.Generator().manual_seed(0)

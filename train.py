@@ -65,7 +65,6 @@ RUN_FILES = ("last.pt", "log.csv", "log.txt")  # and ckpt_*, grid_*: a run's fil
 CSV_HEADER = "step,epoch,loss,lr,grad_norm,images_per_s,peak_mem_gb,cpu_s\n"
 EVAL_BATCH = 250  # images per sampling batch in grids and evaluations
 
-
 # ---- The model, its optimiser and one training step (Sec. 3 and 5) ----
 def build_model(size, img_size=256, overrides=None, device="cpu"):
     """eMIGM-{size} (Table 2), drawn on the CPU: the same weights anywhere."""
@@ -116,7 +115,7 @@ class Training:
         if grad_checkpointing:  # after the EMA copy
             checkpoint_blocks(model)
         if compile:  # the stacks and the head; compiled at their first call
-            emigm.compile_model(model)
+            cli.compile_model(model)
         self.params = list(model.parameters())
         self.ema_params = list(self.ema.parameters())
         self.max_norm = grad_clip if grad_clip > 0 else math.inf  # 0: no clipping
@@ -185,7 +184,6 @@ class Training:
         if checkpoint.get("scaler"):  # fp16's loss scale ({}: not fp16)
             self.scaler.load_state_dict(checkpoint["scaler"])
 
-
 # ---- Evaluation with sample.py: a grid and the small-data metric ----
 def evaluate(ema, tok, sampler_kwargs, grid_path, seed, per_class=8, metric=None,
              num_samples=1000, log=print, class_names=None):
@@ -240,7 +238,6 @@ def report_demo(metric, result, data_path, num_samples, seconds, logger):
         f"{verdict[result['accuracy'] >= 0.88]}, FD below the 2x2 blur "
         f"{verdict[result['frechet'] < base['blur2x2']]}; {seconds / 60:.1f} "
         f"minutes in all; grid {result['grid']}")
-
 
 # ---- Checkpoints (plain dicts, by rank 0), resume, the log ----
 def save_checkpoint(name, training, step, epoch, args, ddp, data_entry=None):
@@ -320,7 +317,6 @@ def log_progress(sums, seconds, step, epoch, lr, args, ddp, logger):
         with open(csv_path, "a") as f:
             f.write(",".join(f"{v:.6g}" for v in row) + "\n")
 
-
 # ---- The training run ----
 def train_loop(args, training, data, loader, ddp, logger, metric, step, total_steps):
     """Steps `step` to total_steps: lr, logs, checkpoints, grids, metric."""
@@ -347,8 +343,7 @@ def train_loop(args, training, data, loader, ddp, logger, metric, step, total_st
                 stats["grad_norm"] = 0.0
             sums += torch.tensor([stats["loss"], stats["grad_norm"], 1], dtype=torch.float64)
             step += 1
-            if args.compile and bar.n == bar.initial:
-                # the first step compiled: its time is not a step's (logs begin after it)
+            if args.compile and bar.n == bar.initial:  # compiled: not a step's time nor logged
                 logger.info(f"torch.compile: the first step took {time.time() - start:.1f} s")
                 sums.zero_()
                 start = time.time()
@@ -443,7 +438,6 @@ def run(args):
     if dist.is_initialized():
         dist.barrier()
     return training
-
 
 # ---- Command line: argparse types check each flag, check_args them together ----
 def check_args(args, world_size):
