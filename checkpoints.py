@@ -1,7 +1,9 @@
-"""Loading eMIGM weights (You et al. 2025, arXiv 2503.07197): our checkpoints (plain dicts,
-train.py) and the official ones (ML-GSAI/eMIGM at de78623, whose EMA quirk is kept), checked
-against the model's architecture with a one-line error naming the flags to pass. Used by
-sample.py, train.py and study.py; tests: python -m pytest -q test_emigm.py"""
+"""Loading eMIGM weights (You et al. 2025, arXiv 2503.07197):
+- our checkpoints: plain dicts written by train.py;
+- the official ones (ML-GSAI/eMIGM at de78623), whose EMA quirk is kept.
+Each is checked against the model's architecture; a mismatch is a one-line
+error that names the flags to pass. Used by sample.py, train.py and study.py.
+Tests: python -m pytest -q test_emigm.py"""
 import argparse
 
 import torch
@@ -43,8 +45,10 @@ def load_checkpoint(path):
         reason = " ".join(str(error).split())[:200]
         raise ValueError(f"cannot read {path} as a checkpoint ({reason}): pass an eMIGM "
                          f"checkpoint saved by train.py or the official code") from None
-    if not isinstance(checkpoint, dict) or not {"model", "ema", "model_ema"} & set(checkpoint):
-        raise ValueError(f"{path} has no 'model'/'ema'/'model_ema': pass an eMIGM checkpoint")
+    weights = {"model", "ema", "model_ema"}
+    if not isinstance(checkpoint, dict) or not weights & set(checkpoint):
+        raise ValueError(f"{path} has no 'model'/'ema'/'model_ema': "
+                         f"pass an eMIGM checkpoint")
     return checkpoint
 
 def load_weights(model, checkpoint, ema=True):
@@ -55,7 +59,9 @@ def load_weights(model, checkpoint, ema=True):
     names = ("ema", "model_ema") if ema else ("model",)
     found = [k for k in names if k in checkpoint]
     if not found:
-        hint = "pass --no-ema to use the raw weights" if ema else "is it an eMIGM checkpoint?"
+        hint = "is it an eMIGM checkpoint?"
+        if ema:
+            hint = "pass --no-ema to use the raw weights"
         raise ValueError(f"checkpoint has no {' or '.join(names)} entry "
                          f"(it has {sorted(checkpoint)}); {hint}")
     state = checkpoint[found[0]]
@@ -72,7 +78,8 @@ def load_weights(model, checkpoint, ema=True):
     if model.mask_token is not model.fake_latent:
         state = {**state, "mask_token": state["mask_token"].reshape(1, 1, -1)}
     elif state["mask_token"].dim() == 3:
-        raise ValueError("the checkpoint has its own mask token (no CFG with mask, Fig. 2e): "
-                         "build the model with cfg_with_mask=False (train.py --no-cfg-with-mask)")
+        raise ValueError("the checkpoint has its own mask token (no CFG with mask, "
+                         "Fig. 2e): build the model with cfg_with_mask=False "
+                         "(train.py --no-cfg-with-mask)")
     model.load_state_dict(state, strict=True)
     return model
