@@ -63,15 +63,14 @@ def training(args, steps=BENCH_STEPS, count_flops=True):
     model = train.build_model(args.size, args.img_size, train.model_overrides(args), device)
     training = train.Training(model, lr, args.weight_decay, args.grad_clip, args.ema_decay,
                               precision, accum_steps=args.accum_steps,
-                              grad_checkpointing=args.grad_checkpointing,
-                              compile=args.compile)
+                              grad_checkpointing=args.grad_checkpointing, compile=args.compile)
     tokens = torch.randn(batch_size, model.seq_len, model.token_channels, device=device)
     labels = torch.arange(batch_size, device=device) % model.num_classes
+    start = time.perf_counter()
     for _ in range(2):  # warm-up (and --compile's compilation)
-        start = time.perf_counter()
         training.step(tokens, labels)
-        if args.compile:
-            print(f"torch.compile: warm-up step {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"warm-up, 2 steps{' (torch.compile)' if args.compile else ''}: "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
     torch.manual_seed(args.seed)
     times = []
     cpu_times = []

@@ -159,3 +159,34 @@ def test_compiled_model_equals_eager_in_training_and_sampling():
         generator = torch.Generator().manual_seed(0)
         samples.append(sample.sample_tokens(model, labels, 4, 2.0, generator=generator))
     assert rel_err(samples[1], samples[0]) <= 1e-4
+
+
+def test_train_compile_flag_compiles_and_logs_the_first_step_apart(tmp_path, monkeypatch):
+    """train.py --compile hands the model to cli.compile_model (recorded here, not compiled:
+    that costs minutes) and logs the first step's time apart; with --log-every 1 the first
+    log is step 2's (the compiled step is in no mean)."""
+    import train
+    from test_train import TINY
+    compiled = []
+    monkeypatch.setattr(cli, "compile_model", lambda model, **options: compiled.append(options))
+    train.main([*TINY, "--results-dir", str(tmp_path), "--max-steps", "3", "--compile",
+                "--sample-every", "0", "--ckpt-every", "0"])
+    assert compiled == [{}]
+    log = (tmp_path / "log.txt").read_text()
+    assert "torch.compile: the first step took" in log
+    assert "step 1 epoch" not in log and "step 2 epoch" in log and "step 3 epoch" in log
+
+
+def test_sample_compile_flag_compiles_with_frozen_weights(tmp_path, monkeypatch):
+    """sample.py --compile hands the loaded model to compile_model with inductor's freezing
+    (recorded here, not compiled), then samples as without it."""
+    from test_sample import TINY_CONFIG, save_tiny, seeded
+    save_tiny(seeded(0, **TINY_CONFIG), tmp_path / "tiny.pt")
+    compiled = []
+    monkeypatch.setattr(sample, "compile_model", lambda model, **options: compiled.append(options))
+    sample.main(["--ckpt", str(tmp_path / "tiny.pt"), "--nfe", "2", "--head-steps", "1",
+                 "--cfg", "2", "--cfg-schedule", "constant", "--cfg-interval", "0.1", "0.9",
+                 "--classes", "0", "--per-class", "1", "--grid", str(tmp_path / "grid.png"),
+                 "--compile"])
+    assert compiled == [{"freezing": True}]
+    assert (tmp_path / "grid.png").stat().st_size > 0

@@ -50,8 +50,7 @@ DEMO = dict(
     lr_schedule="cosine", max_steps=1600, ema_decay=0.99, sample_every=0,
     ckpt_every=0, num_iter=8, cfg=3.0, cfg_interval=[0.0, 1.0], results_dir="out/demo",
 )
-# Own small images (train.py --data-path DIR, no --vae): pixel tokens, >= 16 of <= 64 values
-# (data.py), the Tiny preset, the earlier demo recipe (1300 steps); flags given win.
+# Own small images (--data-path DIR, no --vae; data.py): the earlier demo's recipe; flags win.
 SMALL = dict(
     size="Tiny", img_size=None, patch=None, dropout=0.0, global_batch_size=64, blr=4e-3,
     warmup_epochs=0.05, lr_schedule="cosine", max_steps=1300, ema_decay=0.995,
@@ -102,8 +101,7 @@ class Training:
     """The model, its EMA copy (DiT) and AdamW; step() is one step of the recipe."""
 
     def __init__(self, model, lr, weight_decay, grad_clip=3.0, ema_decay=0.9999,
-                 precision="fp32", ddp=False, accum_steps=1,
-                 grad_checkpointing=False, compile=False):
+                 precision="fp32", ddp=False, accum_steps=1, grad_checkpointing=False, compile=False):
         self.model = model
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()  # from the init
         groups = param_groups(model, weight_decay)
@@ -187,9 +185,9 @@ class Training:
 # ---- Evaluation with sample.py: a grid and the small-data metric ----
 def evaluate(ema, tok, sampler_kwargs, grid_path, seed, per_class=8, metric=None,
              num_samples=1000, log=print, class_names=None):
-    """The EMA model's grid (rows named by class_names) and, given a
-    small_metric.SmallDataMetric, its value on balanced classes -> dict(grid=path,
-    frechet=, ...). Unconditional models: sample.py's labels=None path. Not the training RNG."""
+    """The EMA model's grid (rows: class_names) and, given a small_metric.SmallDataMetric, its
+    value on balanced classes -> dict(grid=path, frechet=, ...); unconditional models: sample.py's
+    labels=None path. Not the training RNG."""
     device = next(ema.parameters()).device
     unconditional = sample.is_unconditional(ema)
     sample.save_grid(ema, tok, None, per_class, sampler_kwargs, seed, EVAL_BATCH,
@@ -326,6 +324,7 @@ def train_loop(args, training, data, loader, ddp, logger, metric, step, total_st
     sampler_kwargs = dict(num_iter=args.num_iter, cfg=args.cfg, head_steps=args.head_steps,
                           cfg_schedule=args.cfg_schedule, cfg_interval=tuple(args.cfg_interval))
     sums = torch.zeros(3, dtype=torch.float64)  # since the last log
+    first_step = step
     start = time.time()
     result = {}
     bar = tqdm(total=total_steps, initial=step, disable=ddp.rank > 0 or not sys.stderr.isatty())
@@ -343,7 +342,7 @@ def train_loop(args, training, data, loader, ddp, logger, metric, step, total_st
                 stats["grad_norm"] = 0.0
             sums += torch.tensor([stats["loss"], stats["grad_norm"], 1], dtype=torch.float64)
             step += 1
-            if args.compile and bar.n == bar.initial:  # compiled: not a step's time nor logged
+            if args.compile and step == first_step + 1:  # compiled: not a step's time nor logged
                 logger.info(f"torch.compile: the first step took {time.time() - start:.1f} s")
                 sums.zero_()
                 start = time.time()
