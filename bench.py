@@ -134,6 +134,18 @@ def training_memory(flags):
 
 
 # ==== The sampler (sample.py --bench) ====
+def count_flops(model):
+    """Forward hooks that count exactly what runs (Linear layers; attention: q k^T and
+    attn v) -> the list they append each layer's FLOPs to."""
+    flops = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(
+                lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
+        elif isinstance(module, emigm.Attention):
+            module.register_forward_hook(lambda m, i, o: flops.append(4 * o.numel() * o.shape[1]))
+    return flops
+
 def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64), compile=False):
     """s/image and share of the fp32 matmul peak per K and batch; at the first batch size, CFG on
     the interval / every step and K = 128 / 16 beside NFE. CPU time: jobs disturb it less;
@@ -143,15 +155,11 @@ def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64), compile=False):
     torch.manual_seed(0)
     model = emigm.EMIGM_models["XS"]().eval().to(device)
     presets = sample.PRESETS["XS", 256]
-    flops = []  # forward hooks count exactly what runs (attention: q k^T and attn v)
-    if compile:  # as sample.py --compile; hooks do not run in compiled graphs: no FLOPs
+    flops = []  # hooks do not run in compiled graphs: no FLOPs
+    if compile:  # as sample.py --compile
         cli.compile_model(model, freezing=True)
-    for module in model.modules() if not compile else []:
-        if isinstance(module, torch.nn.Linear):
-            module.register_forward_hook(
-                lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
-        elif isinstance(module, emigm.Attention):
-            module.register_forward_hook(lambda m, i, o: flops.append(4 * o.numel() * o.shape[1]))
+    else:
+        flops = count_flops(model)
     peak = matmul_peak_flops(device, clock=clock, repeats=5)
     threads = torch.get_num_threads()
     unit = "CPU-s" if device.type == "cpu" else "GPU-s"
@@ -159,12 +167,16 @@ def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64), compile=False):
           f"threads)")
     b = bench_batches[0]
     every_step = (16, b, (0.0, 1.0))
-    # warm-ups (--compile: compiling), then every K and batch, then CFG on every step
-    runs = [(2, 1, (0.1, 0.3))] + [(2, b, (0.1, 0.3))] * compile
+    # warm-ups (--compile: every shape of the first batch size's runs, so that no compilation
+    # is timed), then every K and batch, then CFG on every step
+    warm_ups = [(2, 1, (0.1, 0.3))]
+    if compile:
+        warm_ups = [(k, b, presets[k]["cfg_interval"]) for k in bench_k] + [every_step]
+    runs = list(warm_ups)
     runs += [(k, batch, presets[k]["cfg_interval"]) for k in bench_k for batch in bench_batches]
     runs += [every_step] if 16 in bench_k else []
     results = {}  # (K, batch, interval) -> (CPU seconds, NFE, FLOPs)
-    for k, batch, interval in runs:
+    for run, (k, batch, interval) in enumerate(runs):
         flops.clear()
         cpu = clock()
         wall = time.perf_counter()
@@ -179,8 +191,8 @@ def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64), compile=False):
         wall = time.perf_counter() - wall
         f = sample.nfe(k, 4.0, interval)[1]
         results[k, batch, interval] = (cpu, k * f, sum(flops))
-        if compile and k == 2:
-            print(f"torch.compile: warm-up at batch {batch} took {wall:.1f} s", flush=True)
+        if compile and run < len(warm_ups):
+            print(f"torch.compile: warm-up K={k}, batch {batch}: {wall:.1f} s", flush=True)
             continue
         counted = f", {sum(flops) / 1e12:.3f} TFLOP, {sum(flops) / cpu / peak:.0%} of the matmul peak"
         print(f"K={k:3d} NFE = {k} x {f:.4f} (interval {interval}), batch {batch:2d}: "
