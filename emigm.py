@@ -341,7 +341,7 @@ class Attention(nn.Module):
             k, v = kv.reshape(B, N, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         # full bidirectional attention, no mask
         if self.training and self.attn_dropout > 0 and x.device.type == "cpu":
-            # SDPA's math path with dropout()'s cheaper masks; both scales on the small side
+            # SDPA's math path with dropout_keep's cheaper masks; both scales on the small side
             attn = ((q * head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, n, N)
             keep = dropout_keep(attn, self.attn_dropout)
             x = (torch.where(keep, attn, 0.0) @ v) * (1 / (1 - self.attn_dropout))
