@@ -26,9 +26,6 @@ import sample
 import train
 
 BENCH_STEPS = 5  # timed training steps (after 2 of warm-up)
-# this checkout's modules: set aside while another checkout's are imported
-ALL_MODULES = ("emigm", "sample", "head_samplers", "cli", "train", "tokenizer",
-               "fid", "data", "bench", "small_metric", "inpaint", "study")
 
 
 def matmul_peak_flops(device, clock=time.perf_counter, repeats=10):
@@ -209,17 +206,28 @@ def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64), compile=False):
 
 
 # ==== Against another checkout (bench.py compare --against DIR) ====
+def modules_in(directory):
+    """The names of the imported modules whose file lies in `directory`."""
+    names = []
+    for name, module in sys.modules.items():
+        path = getattr(module, "__file__", None)
+        if path is not None and os.path.dirname(os.path.abspath(path)) == directory:
+            names.append(name)
+    return names
+
 def load_checkout(directory, names=("emigm", "sample")):
     """The modules `names` of the checkout in `directory`, imported beside ours in this
-    process (each sees the other checkout's modules, ours stay as they are)."""
-    ours = {name: sys.modules.pop(name) for name in list(sys.modules) if name in ALL_MODULES}
-    sys.path.insert(0, str(directory))
+    process: theirs import each other, ours stay as they are."""
+    # this checkout's modules, set aside while theirs are imported
+    here = os.path.dirname(os.path.abspath(__file__))
+    ours = {name: sys.modules.pop(name) for name in modules_in(here)}
+    sys.path.insert(0, directory)
     try:
         theirs = {name: importlib.import_module(name) for name in names}
     finally:
-        sys.path.remove(str(directory))
-        for name in ALL_MODULES:
-            sys.modules.pop(name, None)
+        sys.path.remove(directory)
+        for name in modules_in(directory):
+            del sys.modules[name]
         sys.modules.update(ours)
     return theirs
 
@@ -240,61 +248,49 @@ def timed_median(runs, rounds):
             times[name].append(time.perf_counter() - start)
     return {name: sorted(values)[rounds // 2] for name, values in times.items()}
 
-def training_step(model, tokens, labels):
-    """train.py's step on `model`: loss, backward, clipping, AdamW, EMA (same code for both)."""
-    ema = copy.deepcopy(model).requires_grad_(False)
-    params = list(model.parameters())
-    ema_params = list(ema.parameters())
-    optimizer = torch.optim.AdamW(train.param_groups(model, 0.02), lr=1e-4, betas=(0.9, 0.95))
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        model(tokens, labels).backward()
-        torch.nn.utils.clip_grad_norm_(params, 3.0)
-        optimizer.step()
-        with torch.no_grad():
-            torch._foreach_mul_(ema_params, 0.9999)
-            torch._foreach_add_(ema_params, params, alpha=1e-4)
-    return step
-
-def compare(directory, rounds=5, sample_batches=(4, 16), compile=False):
-    """train.py --bench (XS, batch 8) and sample.py --bench (XS, K = 16, 8 DPM-Solver steps,
-    CFG 4 on (0.1, 0.3]) of this checkout and of `directory`, alternating in this process
-    on the same weights and inputs: median of `rounds`, and the speed-up. compile: ours
-    with --compile (its compilation in the warm-ups)."""
+def compare(directory, rounds=5, sample_batches=(4, 16), compile=False, size="XS"):
+    """train.py --bench (batch 8) and sample.py --bench (K = 16, 8 DPM-Solver steps, CFG 4 on
+    (0.1, 0.3]) of eMIGM-{size} in this checkout and in `directory`, alternating in this
+    process on the same weights and inputs: median of `rounds`, and the speed-up. compile:
+    ours with --compile (its compilation in the warm-ups)."""
     theirs = load_checkout(directory)
     models = {}
     for name, module in (("theirs", theirs["emigm"]), ("ours", emigm)):
         torch.manual_seed(0)
-        models[name] = module.EMIGM_models["XS"]()
+        models[name] = module.EMIGM_models[size]()
     models["theirs"].load_state_dict(models["ours"].state_dict())
-    tokens = torch.randn(8, 256, 16)
-    labels = torch.arange(8)
+    tokens = torch.randn(8, models["ours"].seq_len, models["ours"].token_channels)
+    labels = torch.arange(8) % models["ours"].num_classes
     # sampling: eval copies (--compile: ours with constant weights)
     samplers = {name: copy.deepcopy(model).eval() for name, model in models.items()}
     if compile:
         cli.compile_model(models["ours"])
         cli.compile_model(samplers["ours"], freezing=True)
-    steps = {name: training_step(model.train(), tokens, labels) for name, model in models.items()}
+    # train.py's step (loss, backward, clipping, AdamW, EMA): the same code for both models
+    steps = {}
+    for name, model in models.items():
+        training = train.Training(model.train(), lr=1e-4, weight_decay=0.02)
+        steps[name] = partial(training.step, tokens, labels)
     for step in steps.values():  # warm-up
         step()
-    rows = {"train step, batch 8": timed_median(steps, rounds)}
+    rows = {f"{size} train step, batch 8": timed_median(steps, rounds)}
     sample_modules = {"theirs": theirs["sample"], "ours": sample}
     for batch in sample_batches:
         def sampling(name, batch=batch):
             generator = torch.Generator().manual_seed(0)
-            sample_modules[name].sample_tokens(samplers[name], torch.arange(batch), 16, 4.0,
+            labels = torch.arange(batch) % samplers[name].num_classes
+            sample_modules[name].sample_tokens(samplers[name], labels, 16, 4.0,
                                                "constant", (0.1, 0.3), "dpm-solver", 8,
                                                generator=generator)
         runs = {name: partial(sampling, name) for name in sample_modules}
         if compile:  # warm-up: the compilation at this batch size
             sampling("ours")
-        rows[f"sample K=16, batch {batch}"] = timed_median(runs, rounds)
+        rows[f"{size} sample K=16, batch {batch}"] = timed_median(runs, rounds)
     print(f"median of {rounds}, alternating, {torch.get_num_threads()} threads; theirs: "
           f"{directory}; ours{' with --compile' if compile else ''}")
-    print(f"{'work':24s} {'theirs s':>9s} {'ours s':>9s} {'speed-up':>9s}")
+    print(f"{'work':28s} {'theirs s':>9s} {'ours s':>9s} {'speed-up':>9s}")
     for work, row in rows.items():
-        print(f"{work:24s} {row['theirs']:9.3f} {row['ours']:9.3f} {row['theirs'] / row['ours']:8.2f}x")
+        print(f"{work:28s} {row['theirs']:9.3f} {row['ours']:9.3f} {row['theirs'] / row['ours']:8.2f}x")
     return rows
 
 

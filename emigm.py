@@ -512,10 +512,10 @@ class EMIGM(nn.Module):
             x = full  # (B, buf + L, D)
         x = x + self.decoder_pos_embed_learned
         B, L = mask.shape
-        if read is None:
-            read = torch.ones(B, L, dtype=torch.bool, device=mask.device)
         # the positions read, in row-major order (the official z[mask]); n per row
-        positions = read.nonzero()[:, 1].reshape(B, -1)  # (B, n)
+        positions = torch.arange(L, device=mask.device).expand(B, L)  # (B, L): all
+        if read is not None:
+            positions = read.nonzero()[:, 1].reshape(B, -1)  # (B, n)
         # the head reads no buffer slot: the last block leaves them out (Blocks)
         x = self.decoder_blocks(x, positions + self.buffer_size)  # (B, n, D)
         x = self.decoder_norm(x)

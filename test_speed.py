@@ -4,9 +4,13 @@ computation it replaces, and --compile computes the same as eager mode.
   attention dropout on SDPA's math path;
 - the last decoder block only at the positions the head reads;
 - the head's time embedding once per distinct step, SiLU(y) once for all adaLN layers;
-- torch.compile of the stacks and the head (train.py / sample.py --compile).
+- torch.compile of the stacks and the head (train.py / sample.py --compile);
+- bench.py compare, which times another checkout beside this one.
 Run: python -m pytest -q test_speed.py"""
 import copy
+import os
+import shutil
+import sys
 
 import pytest
 import torch
@@ -190,3 +194,20 @@ def test_sample_compile_flag_compiles_with_frozen_weights(tmp_path, monkeypatch)
                  "--compile"])
     assert compiled == [{"freezing": True}]
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_compare_times_another_checkout_beside_ours(tmp_path, capsys):
+    """bench.py compare against a copy of this checkout (Tiny preset, 1 round): a row per
+    work with both times; their modules are other objects, and ours are back afterwards."""
+    import bench
+    here = os.path.dirname(os.path.abspath(bench.__file__))
+    for name in ("emigm.py", "sample.py", "head_samplers.py", "cli.py", "checkpoints.py"):
+        shutil.copy(os.path.join(here, name), tmp_path / name)
+    theirs = bench.load_checkout(str(tmp_path))
+    assert theirs["emigm"] is not emigm and theirs["sample"].emigm is theirs["emigm"]
+    assert sys.modules["emigm"] is emigm and sys.modules["sample"] is sample
+    rows = bench.compare(str(tmp_path), rounds=1, sample_batches=(2,), size="Tiny")
+    assert list(rows) == ["Tiny train step, batch 8", "Tiny sample K=16, batch 2"]
+    assert all(row["theirs"] > 0 and row["ours"] > 0 for row in rows.values())
+    assert "speed-up" in capsys.readouterr().out
+    assert sys.modules["emigm"] is emigm
