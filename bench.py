@@ -254,6 +254,7 @@ def compare(directory, rounds=5, sample_batches=(4, 16), compile=False, size="XS
     process on the same weights and inputs: median of `rounds`, and the speed-up. compile:
     ours with --compile (its compilation in the warm-ups)."""
     theirs = load_checkout(directory)
+    cli.keep_freed_memory()  # the process's allocator: the same for both checkouts
     models = {}
     for name, module in (("theirs", theirs["emigm"]), ("ours", emigm)):
         torch.manual_seed(0)

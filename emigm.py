@@ -1,9 +1,10 @@
 """eMIGM (You et al. 2025, arXiv 2503.07197): the model, the same function as the official
 code (ML-GSAI/eMIGM at de78623), ablation paths included, with its state_dict layout.
-Top-down: mask schedules (Table 4), weighting (Fig. 2b), masking (Sec. 3); MAR's diffusion
-head; the transformer; the model: MAE (Fig. 2c), CFG with mask (Fig. 2e); size presets
-(Tables 2, 6, 7). Checkpoints: checkpoints.py; sampling: sample.py; training: train.py; tests:
-python -m pytest -q test_emigm.py test_ablation.py"""
+Top-down: mask schedules (Table 4), weighting (Fig. 2b), masking (Sec. 3); linear layers;
+MAR's diffusion head; the transformer; the model: MAE (Fig. 2c), CFG with mask (Fig. 2e);
+size presets (Tables 2, 6, 7). Checkpoints: checkpoints.py; sampling: sample.py; training:
+train.py; tests: python -m pytest -q test_emigm.py test_ablation.py"""
+import inspect
 import math
 from functools import partial
 
@@ -12,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ==== Mask schedules (Table 4), loss weighting (Fig. 2b), masking (Sec. 3) ====
-# gamma_t: the share masked at time t; official extras 'poly-0.5' (our old 'poly0.5'), 'log'.
+# gamma_t: the share masked at time t; official extras: 'poly-0.5' (old 'poly0.5'), 'log'
 SCHEDULES = ("linear", "cosine", "exp", "poly-0.5", "log")
 WEIGHTINGS = ("constant", "mdm")
 TRAIN_T_EPS = 1e-3  # training maps t to (1 - eps) t + eps, so gamma_t > 0
@@ -49,9 +50,8 @@ def mask_ratio_derivative(t, schedule):
         return math.pi / 2 * torch.sin(math.pi / 2 * (1 - t))
     if schedule == "exp":
         return 5 * torch.exp(-5 * t)
-    if schedule == "log":
-        e5 = math.exp(5.0)
-        return (e5 - 1) / (5 * (1 + (e5 - 1) * t))
+    if schedule == "log":  # (e^5 - 1) / (5 (1 + (e^5 - 1) t))
+        return (math.exp(5.0) - 1) / (5 * (1 + (math.exp(5.0) - 1) * t))
     return 0.5 / torch.sqrt(t)  # poly-0.5
 
 def loss_weight(t, schedule, weighting="constant"):
@@ -88,6 +88,22 @@ def sample_mask_per_row(batch, seq_len, schedule, generator=None, device=None):
     mask = torch.rand(batch, seq_len, generator=generator) < gamma[:, None]  # (B, L)
     return mask.to(device), t.to(device)
 
+# ==== Linear layers: oneDNN's kernel for CPU inference ====
+ONEDNN_INFERENCE = torch.backends.mkldnn.is_available()  # False: MKL's, the official bits
+
+def linear(x, weight, bias):
+    """F.linear; eager CPU inference in fp32 takes oneDNN's kernel (inductor's when it
+    freezes a model): 1.1x MKL's speed at many rows, 2-3x at few (README, Speed)."""
+    inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    fp32_cpu = x.device.type == "cpu" and x.dtype == torch.float32
+    if ONEDNN_INFERENCE and inference and fp32_cpu and not torch.is_autocast_enabled("cpu"):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+class Linear(nn.Linear):  # nn.Linear (the same keys) through linear()
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
 # ==== The head's Gaussian diffusion (IDDPM / DiT / MAR: create_diffusion("", "cosine")) ====
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
     """log-likelihood of x under a Gaussian discretised into bins of width 2/255."""
@@ -105,9 +121,8 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, inner)
 
 class GaussianDiffusion:
-    """IDDPM's diffusion: cosine schedule, eps prediction, learned-range variance. Float64 tables
-    of IDDPM's names, cast to float32 after the lookup as there; respace: IDDPM's respacing."""
-
+    """IDDPM's diffusion: cosine schedule, eps prediction, learned-range variance. Float64
+    tables of IDDPM's names, cast to float32 after the lookup; respace: IDDPM's respacing."""
     def __init__(self, num_steps=1000, respace=None):
         # alpha_bar(s) = cos^2((s + 0.008) / 1.008 * pi / 2)
         s = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
@@ -198,11 +213,10 @@ def modulate(x, shift, scale):
 
 class TimestepEmbedder(nn.Module):
     """Sinusoidal embedding of the (maybe fractional) step, then an MLP."""
-
     def __init__(self, width, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.mlp = nn.Sequential(Linear(freq_dim, width), nn.SiLU(), Linear(width, width))
 
     def forward(self, t):  # t: (N,)
         half = self.freq_dim // 2
@@ -214,12 +228,11 @@ class TimestepEmbedder(nn.Module):
 
 class ResBlock(nn.Module):
     """h + gate * MLP(LN(h) * (1 + scale) + shift); y = emb(t) + emb(z)."""
-
     def __init__(self, width):
         super().__init__()
         self.in_ln = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        self.mlp = nn.Sequential(Linear(width, width), nn.SiLU(), Linear(width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(width, 3 * width))
 
     def forward(self, h, y_act):  # h, y_act = SiLU(y): (N, w)
         # adaLN_modulation is SiLU then Linear: the SiLU is applied once for all blocks
@@ -230,8 +243,8 @@ class FinalLayer(nn.Module):
     def __init__(self, width, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(width, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = Linear(width, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(width, 2 * width))
 
     def forward(self, h, y_act):  # h, y_act = SiLU(y): (N, w)
         shift, scale = self.adaLN_modulation[1](y_act).chunk(2, dim=-1)
@@ -239,24 +252,20 @@ class FinalLayer(nn.Module):
 
 class SimpleMLPAdaLN(nn.Module):
     """eps_theta(x_t, t, z): x (N, C), t (N,), z (N, D) -> [eps | var] (N, 2C)."""
-
     def __init__(self, in_channels, width, out_channels, cond_dim, depth):
         super().__init__()
         self.time_embed = TimestepEmbedder(width)
-        self.cond_embed = nn.Linear(cond_dim, width)
-        self.input_proj = nn.Linear(in_channels, width)
+        self.cond_embed = Linear(cond_dim, width)
+        self.input_proj = Linear(in_channels, width)
         self.res_blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
         self.final_layer = FinalLayer(width, out_channels)
 
     def forward(self, x, t, c):
         """t: (N,) or (1,) for every row (the samplers: one time per call)."""
         h = self.input_proj(x)  # (N, w)
-        if len(t) == 1:  # the samplers: one time for every row
-            time_emb = self.time_embed(t)  # (1, w)
-        else:
-            # each distinct step embedded once: training draws ~1000 steps for many more tokens
-            steps, index = t.unique(return_inverse=True)
-            time_emb = self.time_embed(steps)[index]  # (N, w)
+        # each distinct step embedded once (training: ~1000 steps for many more tokens)
+        steps, index = t.unique(return_inverse=True)
+        time_emb = self.time_embed(steps)[index]  # (N or 1, w)
         y = time_emb + self.cond_embed(c)  # (N, w), for every block
         y_act = F.silu(y)  # the first step of every adaLN_modulation
         for block in self.res_blocks:
@@ -279,7 +288,6 @@ class SimpleMLPAdaLN(nn.Module):
 
 class DiffLoss(nn.Module):
     """The head and its denoising loss on the conditions of the masked tokens."""
-
     def __init__(self, token_channels, cond_dim, depth, width, num_steps=1000):
         super().__init__()
         self.net = SimpleMLPAdaLN(token_channels, width, 2 * token_channels, cond_dim, depth)
@@ -299,16 +307,14 @@ class DiffLoss(nn.Module):
 
 # ==== The transformer: timm 0.9.12's Block, so that the official keys load ====
 def dropout_keep(x, p):
-    """A CPU dropout mask like x: True with probability 1 - p (up to 2^-32). 32-bit integers
-    cut out of 64-bit draws: ~3x cheaper than torch's bernoulli_, whose masks took 10% of
-    an XS training step."""
+    """A CPU dropout mask like x: True with probability 1 - p (to 2^-32). 32-bit integers
+    cut out of 64-bit draws: ~3x cheaper than torch's bernoulli_ (10% of an XS step)."""
     words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 1) // 2,), dtype=torch.int64)
     bits = words.view(torch.int32)[:x.numel()].view(x.shape)  # uniform over 32-bit integers
     return bits >= round(p * 2**32) - 2**31
 
 class Dropout(nn.Dropout):
-    """nn.Dropout: zero with probability p, the rest times 1 / (1 - p); dropout_keep on CPU."""
-
+    """nn.Dropout (zero with probability p, the rest times 1 / (1 - p)); on CPU dropout_keep."""
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
@@ -321,13 +327,13 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.attn_dropout = attn_dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = Dropout(proj_dropout)
 
     def forward(self, x, queries=None):
         """x (B, N, D) -> (B, N, D); with queries (B, n, D): their outputs (B, n, D),
-        attending to all of x (the last decoder block: only the positions the head reads)."""
+        attending to all of x (the last decoder block: the positions the head reads)."""
         B, N, D = x.shape
         head_dim = D // self.num_heads
         if queries is None:
@@ -335,13 +341,13 @@ class Attention(nn.Module):
             q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, N, D / H)
         else:
             # q from the queries, k and v from all of x: the rows of qkv's weight
-            q = F.linear(queries, self.qkv.weight[:D], self.qkv.bias[:D])  # (B, n, D)
+            q = linear(queries, self.qkv.weight[:D], self.qkv.bias[:D])  # (B, n, D)
             q = q.reshape(B, -1, self.num_heads, head_dim).transpose(1, 2)  # (B, H, n, D / H)
-            kv = F.linear(x, self.qkv.weight[D:], self.qkv.bias[D:])  # (B, N, 2D)
+            kv = linear(x, self.qkv.weight[D:], self.qkv.bias[D:])  # (B, N, 2D)
             k, v = kv.reshape(B, N, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         # full bidirectional attention, no mask
         if self.training and self.attn_dropout > 0 and x.device.type == "cpu":
-            # SDPA's math path with dropout_keep's cheaper masks; both scales on the small side
+            # SDPA's math path with dropout_keep's masks; both scales on the small side
             attn = ((q * head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, n, N)
             keep = dropout_keep(attn, self.attn_dropout)
             x = (torch.where(keep, attn, 0.0) @ v) * (1 / (1 - self.attn_dropout))
@@ -354,10 +360,10 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim, hidden, dropout):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU()
         self.drop1 = Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop2 = Dropout(dropout)
 
     def forward(self, x):
@@ -366,7 +372,6 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
-
     def __init__(self, dim, num_heads, mlp_ratio, attn_dropout, proj_dropout):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -375,7 +380,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_dropout)
 
     def forward(self, x, read=None):
-        """x (B, N, D) -> (B, N, D); with read (B, n) positions: only those outputs (B, n, D)."""
+        """x (B, N, D) -> (B, N, D); with read (B, n) positions: their outputs (B, n, D)."""
         if read is None:
             x = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))
@@ -387,7 +392,6 @@ class Block(nn.Module):
 class Blocks(nn.ModuleList):
     """Blocks run in order, the last with `read` positions (Block); keys as a ModuleList's.
     One module for the stack: torch.compile takes it whole (cli.compile_model)."""
-
     def forward(self, x, read=None):
         for block in self[:-1]:
             x = block(x)
@@ -397,8 +401,7 @@ class Blocks(nn.ModuleList):
 
 # ==== eMIGM (Sec. 3, Fig. 2) ====
 class EMIGM(nn.Module):
-    """MAE encoder-decoder + per-token diffusion head; tokens (B, L, C), mask (B, L) bool."""
-
+    """MAE encoder-decoder, per-token diffusion head; tokens (B, L, C), mask (B, L) bool."""
     def __init__(self, seq_len, token_channels, width, depth, num_heads, head_depth, head_width,
                  num_classes=1000, buffer_size=64, mlp_ratio=4.0, label_drop_prob=0.1,
                  attn_dropout=0.1, proj_dropout=0.1, mask_schedule="exp",
@@ -407,15 +410,9 @@ class EMIGM(nn.Module):
         super().__init__()
         check_schedule(mask_schedule)
         check_weighting(loss_weighting)
-        # stored in checkpoints: EMIGM(**model.config) rebuilds the model
-        self.config = dict(
-            seq_len=seq_len, token_channels=token_channels, width=width, depth=depth,
-            num_heads=num_heads, head_depth=head_depth, head_width=head_width,
-            num_classes=num_classes, buffer_size=buffer_size, mlp_ratio=mlp_ratio,
-            label_drop_prob=label_drop_prob, attn_dropout=attn_dropout, proj_dropout=proj_dropout,
-            mask_schedule=mask_schedule, loss_weighting=loss_weighting, t_min=t_min,
-            use_mae=use_mae, cfg_with_mask=cfg_with_mask, diffusion_batch_mul=diffusion_batch_mul,
-            decoder_depth=decoder_depth)
+        # the arguments, stored in checkpoints: EMIGM(**model.config) rebuilds the model
+        arguments = locals()
+        self.config = {name: arguments[name] for name in inspect.signature(EMIGM).parameters}
         self.seq_len = seq_len
         self.token_channels = token_channels
         self.num_classes = num_classes
@@ -427,9 +424,8 @@ class EMIGM(nn.Module):
         self.use_mae = use_mae
         self.diffusion_batch_mul = diffusion_batch_mul
         self.per_row_masking = loss_weighting == "mdm" and not use_mae  # official: t per row
-        if decoder_depth is None:
-            decoder_depth = depth
-        # registration order = the official state_dict order; fake_latent: the fake class
+        decoder_depth = depth if decoder_depth is None else decoder_depth
+        # registered in the official state_dict order; fake_latent: the fake class
         self.fake_latent = nn.Parameter(torch.zeros(1, width))
         num_positions = buffer_size + seq_len
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, num_positions, width))
@@ -442,12 +438,12 @@ class EMIGM(nn.Module):
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, num_positions, width))
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, width))
         self.class_emb = nn.Embedding(num_classes, width)
-        self.z_proj = nn.Linear(token_channels, width)
+        self.z_proj = Linear(token_channels, width)
         self.z_proj_ln = nn.LayerNorm(width, eps=1e-6)
         block = partial(Block, width, num_heads, mlp_ratio, attn_dropout, proj_dropout)
         self.encoder_blocks = Blocks([block() for _ in range(depth)])
         self.encoder_norm = nn.LayerNorm(width, eps=1e-6)
-        self.decoder_embed = nn.Linear(width, width)
+        self.decoder_embed = Linear(width, width)
         self.decoder_blocks = Blocks([block() for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(width, eps=1e-6)
         self.initialize_weights()
@@ -502,7 +498,7 @@ class EMIGM(nn.Module):
 
     def forward_decoder(self, x, mask, read=None):
         """x: encoder output, mask (B, L) -> z (B, L, D), the head's conditions; with read
-        (B, L) bool, the same count n per row: z[read] (B, n, D), the last block only there."""
+        (B, L) bool, n per row: z[read] (B, n, D), the last block only there."""
         x = self.decoder_embed(x)
         if self.use_mae:
             # kept tokens among mask tokens (which skip decoder_embed)
@@ -566,7 +562,7 @@ class EMIGM(nn.Module):
         return head_loss.sum() / max(len(head_loss), 1)
 
 # ==== Size presets (Table 2; the heads of Tables 6 and 7) ====
-# 256px: KL-16 VAE, 16x16 latents of 16 channels; 512px: DC-AE f32c32, 16x16 of 32 channels
+# 256px: KL-16 VAE, 16x16 latents of 16 channels; 512px: DC-AE f32c32, 32 channels
 TOKENS = {256: dict(seq_len=256, token_channels=16), 512: dict(seq_len=256, token_channels=32)}
 # encoder = decoder (width, depth, heads); head: image size -> (head depth, head width)
 SIZES = {
@@ -576,7 +572,7 @@ SIZES = {
     "L": dict(width=1024, depth=16, num_heads=16, head={256: (8, 1280), 512: (8, 1280)}),
     "H": dict(width=1280, depth=20, num_heads=16, head={256: (12, 1536)}),
 }
-# Tiny: the CPU demo's model (train.py --demo), not a paper model: 28x28 Fashion-MNIST in 7x7
+# Tiny: the CPU demo's model (train.py --demo), no paper's: 28x28 Fashion-MNIST in 7x7
 # pixel patches, 16 tokens of 49 values; a 3x256 head on 4 copies of each masked token.
 TINY = dict(seq_len=16, token_channels=49, width=192, depth=3, num_heads=4, head_depth=3,
             head_width=256, num_classes=10, buffer_size=4, diffusion_batch_mul=4,

@@ -4,12 +4,15 @@ computation it replaces, and --compile computes the same as eager mode.
   attention dropout on SDPA's math path;
 - the last decoder block only at the positions the head reads;
 - the head's time embedding once per distinct step, SiLU(y) once for all adaLN layers;
+- oneDNN's linear kernel for CPU inference (emigm.linear); freed memory kept for reuse (cli);
 - torch.compile of the stacks and the head (train.py / sample.py --compile);
 - bench.py compare, which times another checkout beside this one.
 Run: python -m pytest -q test_speed.py"""
 import copy
 import os
+import platform
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -132,6 +135,65 @@ def test_head_embeds_each_distinct_step_once_and_broadcasts_one_time():
         one = torch.tensor([412.5])
         expected = plain_head(net, x, one.expand(50), c)
         assert rel_err(net(x, one, c), expected) <= FP32_TOL
+
+
+# ---- oneDNN's kernel for CPU inference
+def test_linear_takes_onednn_only_in_fp32_cpu_inference(monkeypatch):
+    """emigm.linear calls oneDNN's kernel without autograd in fp32 (within fp32 rounding of
+    F.linear); with autograd, in fp64, under autocast or with ONEDNN_INFERENCE off, F.linear."""
+    calls = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+    def spy(*args):
+        calls.append(args[0].shape)
+        return onednn(*args)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    g = torch.Generator().manual_seed(8)
+    layer = emigm.Linear(64, 96)
+    x = torch.randn(3, 7, 64, generator=g)
+    expected = F.linear(x, layer.weight, layer.bias)
+    with torch.no_grad():
+        assert rel_err(layer(x), expected) <= FP32_TOL
+        assert calls == [(3, 7, 64)]
+        layer.double()(x.double())
+        with torch.autocast("cpu", torch.bfloat16):
+            layer.float()(x)
+        monkeypatch.setattr(emigm, "ONEDNN_INFERENCE", False)
+        assert torch.equal(layer(x), expected)
+    monkeypatch.setattr(emigm, "ONEDNN_INFERENCE", True)
+    assert torch.equal(layer(x), expected)
+    assert calls == [(3, 7, 64)]
+
+
+def test_sampler_with_onednn_equals_the_mkl_kernels(monkeypatch):
+    """The sampler's tokens with oneDNN's kernel (the default on CPU) and with torch's own
+    (ONEDNN_INFERENCE off, the official code's MKL) agree within fp32 rounding."""
+    model = trained_looking(small_model()).eval()
+    labels = torch.tensor([0, 3])
+    samples = []
+    for onednn in (True, False):
+        monkeypatch.setattr(emigm, "ONEDNN_INFERENCE", onednn)
+        generator = torch.Generator().manual_seed(0)
+        samples.append(sample.sample_tokens(model, labels, 4, 2.0, generator=generator))
+    assert rel_err(samples[0], samples[1]) <= 1e-4
+
+
+# ---- the allocator
+def test_keep_freed_memory_reuses_large_buffers_without_page_faults():
+    """After cli.keep_freed_memory (on glibc), a 48 MB tensor reuses a freed 64 MB one's
+    memory: filling it faults in almost no page (glibc's default: 12,288 fresh ones)."""
+    code = ("import resource, torch, cli\n"
+            "kept = cli.keep_freed_memory()\n"
+            "torch.empty(2**24).fill_(1.0)\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "torch.empty(3 * 2**22).fill_(1.0)\n"
+            "print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    here = os.path.dirname(os.path.abspath(cli.__file__))
+    result = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True,
+                            text=True, check=True)
+    kept, faults = result.stdout.split()
+    assert kept == str(platform.libc_ver()[0] == "glibc")
+    if kept == "True":
+        assert int(faults) < 1000
 
 
 # ---- torch.compile
