@@ -68,9 +68,12 @@ def tiny_reference_model(dtype=torch.float32):
 
 
 # ---- equivalence
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["mask_a", "mask_b", "mask_full", "mask_none"])
-def test_encoder_decoder_match_official(case, dtype):
+def test_encoder_decoder_match_official(case, dtype, onednn, monkeypatch):
+    """Inference in fp32 on either CPU kernel: oneDNN's (the default) and MKL's (the official)."""
+    monkeypatch.setattr(emigm, "ONEDNN_INFERENCE", onednn)
     model = tiny_reference_model(dtype)
     inputs = REF["inputs"]
     class_emb = model.class_emb(inputs["labels"])
@@ -101,8 +104,10 @@ def test_cfg_batch_uses_fake_latent_as_uncond_class(dtype):
     assert rel_err(z, ref["mask_a/cfg_batch/z"]) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_head_matches_official(dtype):
+def test_head_matches_official(dtype, onednn, monkeypatch):
+    monkeypatch.setattr(emigm, "ONEDNN_INFERENCE", onednn)
     net = tiny_reference_model(dtype).diffloss.net
     ref = REF["net"]
     x = ref["x"].to(dtype)
