@@ -226,12 +226,6 @@ class TimestepEmbedder(nn.Module):
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first (official)
         return self.mlp(embedding.to(self.mlp[0].weight.dtype))  # (N, w)
 
-def modulation(layer, y_act, parts):
-    """adaLN_modulation's Linear on y_act = SiLU(y) (the SiLU once for all blocks), in `parts`
-    (N, w) outputs, one matmul each: no (N, parts * w) gradient copy (7% of an XS step)."""
-    pairs = zip(layer.weight.chunk(parts), layer.bias.chunk(parts))
-    return [linear(y_act, weight, bias) for weight, bias in pairs]
-
 class ResBlock(nn.Module):
     """h + gate * MLP(LN(h) * (1 + scale) + shift); y = emb(t) + emb(z)."""
     def __init__(self, width):
@@ -241,7 +235,8 @@ class ResBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(width, 3 * width))
 
     def forward(self, h, y_act):  # h, y_act = SiLU(y): (N, w)
-        shift, scale, gate = modulation(self.adaLN_modulation[1], y_act, 3)
+        # adaLN_modulation is SiLU then Linear: the SiLU is applied once for all blocks
+        shift, scale, gate = self.adaLN_modulation[1](y_act).chunk(3, dim=-1)
         return h + gate * self.mlp(modulate(self.in_ln(h), shift, scale))
 
 class FinalLayer(nn.Module):
@@ -252,7 +247,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(width, 2 * width))
 
     def forward(self, h, y_act):  # h, y_act = SiLU(y): (N, w)
-        shift, scale = modulation(self.adaLN_modulation[1], y_act, 2)
+        shift, scale = self.adaLN_modulation[1](y_act).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(h), shift, scale))
 
 class SimpleMLPAdaLN(nn.Module):
@@ -268,7 +263,7 @@ class SimpleMLPAdaLN(nn.Module):
     def forward(self, x, t, c):
         """t: (N,) or (1,) for every row (the samplers: one time per call)."""
         h = self.input_proj(x)  # (N, w)
-        # each distinct step embedded once (training: ~1000 steps, many more tokens)
+        # each distinct step embedded once (training: ~1000 steps for many more tokens)
         steps, index = t.unique(return_inverse=True)
         time_emb = self.time_embed(steps)[index]  # (N or 1, w)
         y = time_emb + self.cond_embed(c)  # (N, w), for every block
@@ -315,11 +310,11 @@ def dropout_keep(x, p):
     """A CPU dropout mask like x: True with probability 1 - p (to 2^-32). 32-bit integers
     cut out of 64-bit draws: ~3x cheaper than torch's bernoulli_ (10% of an XS step)."""
     words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 1) // 2,), dtype=torch.int64)
-    bits = words.view(torch.int32)[:x.numel()].view(x.shape)  # uniform 32-bit integers
+    bits = words.view(torch.int32)[:x.numel()].view(x.shape)  # uniform over 32-bit integers
     return bits >= round(p * 2**32) - 2**31
 
 class Dropout(nn.Dropout):
-    """nn.Dropout (zero with probability p, the rest / (1 - p)); on CPU dropout_keep."""
+    """nn.Dropout (zero with probability p, the rest times 1 / (1 - p)); on CPU dropout_keep."""
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
@@ -338,7 +333,7 @@ class Attention(nn.Module):
 
     def forward(self, x, queries=None):
         """x (B, N, D) -> (B, N, D); with queries (B, n, D): their outputs (B, n, D),
-        attending to all of x (the last decoder block: the positions read)."""
+        attending to all of x (the last decoder block: the positions the head reads)."""
         B, N, D = x.shape
         head_dim = D // self.num_heads
         if queries is None:
@@ -395,7 +390,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 class Blocks(nn.ModuleList):
-    """Blocks in order, the last with `read` positions (Block); keys as a ModuleList's.
+    """Blocks run in order, the last with `read` positions (Block); keys as a ModuleList's.
     One module for the stack: torch.compile takes it whole (cli.compile_model)."""
     def forward(self, x, read=None):
         for block in self[:-1]:
@@ -415,7 +410,7 @@ class EMIGM(nn.Module):
         super().__init__()
         check_schedule(mask_schedule)
         check_weighting(loss_weighting)
-        # the arguments, in checkpoints: EMIGM(**model.config) rebuilds the model
+        # the arguments, stored in checkpoints: EMIGM(**model.config) rebuilds the model
         arguments = locals()
         self.config = {name: arguments[name] for name in inspect.signature(EMIGM).parameters}
         self.seq_len = seq_len
@@ -435,7 +430,7 @@ class EMIGM(nn.Module):
         num_positions = buffer_size + seq_len
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, num_positions, width))
         if cfg_with_mask:
-            # CFG with mask (Fig. 2e): the mask token IS the fake class (tied)
+            # CFG with mask (Fig. 2e): the mask token IS the fake class (official tie)
             self.mask_token = self.fake_latent
         else:
             # Fig. 2e's baseline: an own mask token, [1, 1, D] as the official
