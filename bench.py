@@ -131,16 +131,28 @@ def training_memory(flags):
 
 
 # ==== The sampler (sample.py --bench) ====
+def attention_flops(x, queries):
+    """q k^T and attn v of n queries over the N positions of x (B, N, D); given queries (the
+    last decoder block), also their q and x's k, v: matmuls on qkv's weight rows, not the
+    qkv module, so no Linear hook sees them."""
+    B, N, D = x.shape
+    if queries is None:
+        return 4 * B * N * N * D
+    n = queries.shape[1]
+    return 4 * B * n * N * D + 2 * B * n * D * D + 2 * B * N * D * 2 * D
+
 def count_flops(model):
-    """Forward hooks that count exactly what runs (Linear layers; attention: q k^T and
-    attn v) -> the list they append each layer's FLOPs to."""
+    """Forward hooks that count exactly what runs (Linear layers; attention_flops) -> the
+    list they append each layer's FLOPs to."""
     flops = []
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.register_forward_hook(
                 lambda m, i, o: flops.append(2 * i[0].numel() * m.out_features))
         elif isinstance(module, emigm.Attention):
-            module.register_forward_hook(lambda m, i, o: flops.append(4 * o.numel() * o.shape[1]))
+            module.register_forward_hook(
+                lambda m, i, kw, o: flops.append(attention_flops(i[0], kw.get("queries"))),
+                with_kwargs=True)
     return flops
 
 def sampling(bench_k=(16, 128), bench_batches=(1, 16, 64), compile=False):

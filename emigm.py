@@ -50,8 +50,9 @@ def mask_ratio_derivative(t, schedule):
         return math.pi / 2 * torch.sin(math.pi / 2 * (1 - t))
     if schedule == "exp":
         return 5 * torch.exp(-5 * t)
-    if schedule == "log":  # (e^5 - 1) / (5 (1 + (e^5 - 1) t))
-        return (math.exp(5.0) - 1) / (5 * (1 + (math.exp(5.0) - 1) * t))
+    if schedule == "log":
+        e5 = math.exp(5.0)
+        return (e5 - 1) / (5 * (1 + (e5 - 1) * t))
     return 0.5 / torch.sqrt(t)  # poly-0.5
 
 def loss_weight(t, schedule, weighting="constant"):
@@ -572,7 +573,7 @@ SIZES = {
     "L": dict(width=1024, depth=16, num_heads=16, head={256: (8, 1280), 512: (8, 1280)}),
     "H": dict(width=1280, depth=20, num_heads=16, head={256: (12, 1536)}),
 }
-# Tiny: the CPU demo's model (train.py --demo), no paper's: 28x28 Fashion-MNIST in 7x7
+# Tiny: the CPU demo's model (train.py --demo), not a paper's: 28x28 Fashion-MNIST in 7x7
 # pixel patches, 16 tokens of 49 values; a 3x256 head on 4 copies of each masked token.
 TINY = dict(seq_len=16, token_channels=49, width=192, depth=3, num_heads=4, head_depth=3,
             head_width=256, num_classes=10, buffer_size=4, diffusion_batch_mul=4,

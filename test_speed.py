@@ -258,6 +258,25 @@ def test_sample_compile_flag_compiles_with_frozen_weights(tmp_path, monkeypatch)
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
+def test_sampler_flop_hooks_count_what_torch_counts():
+    """bench.count_flops (sample.py --bench) on an encoder and decoder pass that reads 5 of 16
+    positions: the hooks' sum equals torch's FlopCounterMode on SDPA's math path, the last
+    decoder block's q and kv matmuls (no qkv module call) and its 5 x 18 attention included."""
+    import bench
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model = small_model(depth=2).eval()
+    hooks = bench.count_flops(model)
+    g = torch.Generator().manual_seed(10)
+    tokens = torch.randn(3, 16, 4, generator=g)
+    mask = torch.rand(3, 16, generator=g).argsort(1) < 6
+    read = torch.rand(3, 16, generator=g).argsort(1) < 5
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        encoded = model.forward_encoder(tokens, mask, model.class_emb(torch.tensor([0, 1, 2])))
+        model.forward_decoder(encoded, mask, read)
+    assert sum(hooks) == counter.get_total_flops() > 0
+
+
 def test_compare_times_another_checkout_beside_ours(tmp_path, capsys):
     """bench.py compare against a copy of this checkout (Tiny preset, 1 round): a row per
     work with both times; their modules are other objects, and ours are back afterwards."""
