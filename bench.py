@@ -93,15 +93,25 @@ def training(args, steps=BENCH_STEPS, count_flops=True):
     result = dict(seconds=seconds, cpu_seconds=cpu_seconds, peak_gb=peak_gb)
     if not count_flops:
         return result
-    torch.manual_seed(args.seed)  # the same masks, so the same shapes, as timed
-    with flop_counter.FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        for _ in range(steps):  # attention as matmuls, which torch counts
-            training.step(tokens, labels)
     peak = matmul_peak_flops(device)
-    achieved = counter.get_total_flops() / steps / seconds  # recomputed blocks count too
+    flops = training_flops(training, tokens, labels, steps, args.seed)
+    achieved = flops / steps / seconds  # recomputed blocks count too
     print(f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of the fp32 matmul peak "
           f"({peak / 1e9:.1f} GFLOP/s)")
     return result
+
+def training_flops(training, tokens, labels, steps, seed):
+    """The FLOPs of `steps` training steps from `seed` (the masks, so the shapes, of the
+    timed steps) as torch counts them: attention as matmuls, and aten's matmuls rather than
+    oneDNN's op, which torch does not count (the same FLOPs)."""
+    torch.manual_seed(seed)
+    onednn = emigm.ONEDNN
+    emigm.ONEDNN = False
+    with flop_counter.FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        for _ in range(steps):
+            training.step(tokens, labels)
+    emigm.ONEDNN = onednn
+    return counter.get_total_flops()
 
 # train.py --bench flags of each row of the memory table (same global batch)
 MEMORY_VARIANTS = {"baseline": [], "--grad-checkpointing": ["--grad-checkpointing"],
@@ -251,10 +261,13 @@ def checkout_dir(text):
     return os.path.abspath(text)
 
 def timed_median(runs, rounds):
-    """Alternating rounds of each run (a name -> function) -> name -> median seconds."""
+    """Alternating rounds of each run (a name -> function) -> name -> median seconds. The
+    runs of a round start from one RNG state: training steps draw the same masks (the
+    same work; the step time follows the masked count, +-10% at XS)."""
     times = {name: [] for name in runs}
-    for _ in range(rounds):
+    for round_ in range(rounds):
         for name, run in runs.items():
+            torch.manual_seed(round_)
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
@@ -267,6 +280,7 @@ def compare(directory, rounds=5, sample_batches=(4, 16), compile=False, size="XS
     ours with --compile (its compilation in the warm-ups)."""
     theirs = load_checkout(directory)
     cli.keep_freed_memory()  # the process's allocator: the same for both checkouts
+    cli.limit_onednn_cache()
     models = {}
     for name, module in (("theirs", theirs["emigm"]), ("ours", emigm)):
         torch.manual_seed(0)

@@ -1,8 +1,8 @@
-"""eMIGM (You et al. 2025, arXiv 2503.07197): the model, the same function as the official
-code (ML-GSAI/eMIGM at de78623), ablation paths included, with its state_dict layout.
+"""eMIGM (You et al. 2025, arXiv 2503.07197): the model, the official code's function
+(ML-GSAI/eMIGM at de78623), ablation paths included, and its state_dict layout.
 Top-down: mask schedules (Table 4), weighting (Fig. 2b), masking (Sec. 3); linear layers;
-MAR's diffusion head; the transformer; the model: MAE (Fig. 2c), CFG with mask (Fig. 2e);
-size presets (Tables 2, 6, 7). Checkpoints: checkpoints.py; sampling: sample.py; training:
+MAR's head; the transformer; the model: MAE (Fig. 2c), CFG with mask (Fig. 2e); size
+presets (Tables 2, 6, 7). Checkpoints: checkpoints.py; sampling: sample.py; training:
 train.py; tests: python -m pytest -q test_emigm.py test_ablation.py"""
 import inspect
 import math
@@ -13,22 +13,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ==== Mask schedules (Table 4), loss weighting (Fig. 2b), masking (Sec. 3) ====
-# gamma_t: the share masked at time t; official extras: 'poly-0.5' (old 'poly0.5'), 'log'
+# gamma_t: the share masked at time t; official extras 'poly-0.5' (old 'poly0.5'), 'log'
 SCHEDULES = ("linear", "cosine", "exp", "poly-0.5", "log")
 WEIGHTINGS = ("constant", "mdm")
 TRAIN_T_EPS = 1e-3  # training maps t to (1 - eps) t + eps, so gamma_t > 0
 
-def check_schedule(schedule):
+def check_choices(schedule, weighting="constant"):
     if schedule not in SCHEDULES and schedule != "poly0.5":
         raise ValueError(f"unknown mask schedule {schedule!r}: choose one of {SCHEDULES}")
-
-def check_weighting(weighting):
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}: choose 'constant' or 'mdm'")
 
 def mask_ratio(t, schedule):
     """gamma_t of Table 4 (no eps remap). t: float or tensor -> float32."""
-    check_schedule(schedule)
+    check_choices(schedule)
     t = torch.as_tensor(t, dtype=torch.float32)
     if schedule == "linear":
         return t
@@ -41,23 +39,14 @@ def mask_ratio(t, schedule):
     return torch.sqrt(t)  # poly-0.5
 
 def mask_ratio_derivative(t, schedule):
-    """gamma'_t, the derivative of mask_ratio."""
-    check_schedule(schedule)
-    t = torch.as_tensor(t, dtype=torch.float32)
-    if schedule == "linear":
-        return torch.ones_like(t)
-    if schedule == "cosine":
-        return math.pi / 2 * torch.sin(math.pi / 2 * (1 - t))
-    if schedule == "exp":
-        return 5 * torch.exp(-5 * t)
-    if schedule == "log":
-        e5 = math.exp(5.0)
-        return (e5 - 1) / (5 * (1 + (e5 - 1) * t))
-    return 0.5 / torch.sqrt(t)  # poly-0.5
+    """gamma'_t by autograd of mask_ratio: one formula per schedule."""
+    t = torch.as_tensor(t, dtype=torch.float32).detach().requires_grad_()
+    with torch.enable_grad():
+        return torch.autograd.grad(mask_ratio(t, schedule).sum(), t)[0]
 
 def loss_weight(t, schedule, weighting="constant"):
     """w(t) of Fig. 2b: 1 (eMIGM, 'constant') or gamma'_t / gamma_t ('mdm')."""
-    check_weighting(weighting)
+    check_choices(schedule, weighting)
     t = torch.as_tensor(t, dtype=torch.float32)
     if weighting == "constant":
         return torch.ones_like(t)
@@ -89,25 +78,43 @@ def sample_mask_per_row(batch, seq_len, schedule, generator=None, device=None):
     mask = torch.rand(batch, seq_len, generator=generator) < gamma[:, None]  # (B, L)
     return mask.to(device), t.to(device)
 
-# ==== Linear layers: oneDNN's kernel for CPU inference ====
-ONEDNN_INFERENCE = torch.backends.mkldnn.is_available()  # False: MKL's, the official bits
+# ==== Linear layers: oneDNN's kernels on CPU ====
+ONEDNN = torch.backends.mkldnn.is_available()  # False: MKL's, the official bits
+
+class OneDNNLinear(torch.autograd.Function):
+    """F.linear: oneDNN for the output and the input's gradient, MKL's mm for the
+    weight's (oneDNN is no faster there)."""
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # the bias added inside the kernel
+        ctx.save_for_backward(x, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (..., out)
+        x, weight = ctx.saved_tensors
+        needs_x, _, needs_bias = ctx.needs_input_grad
+        grad_x = OneDNNLinear.apply(grad, weight.t(), None) if needs_x else None
+        rows = grad.reshape(-1, grad.shape[-1])  # (M, out)
+        grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]))  # (out, in)
+        grad_bias = rows.sum(0) if needs_bias else None
+        return grad_x, grad_weight, grad_bias
 
 def linear(x, weight, bias):
-    """F.linear; eager CPU inference in fp32 takes oneDNN's kernel (inductor's when it
-    freezes a model): 1.1x MKL's speed at many rows, 2-3x at few (README, Speed)."""
-    inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-    fp32_cpu = x.device.type == "cpu" and x.dtype == torch.float32
-    if ONEDNN_INFERENCE and inference and fp32_cpu and not torch.is_autocast_enabled("cpu"):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    """F.linear; eager fp32 on CPU: oneDNN, 1.1-1.2x MKL's speed at many rows, 2-3x at
+    few (README, Speed)."""
+    fp32_cpu = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    eager = not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+    if ONEDNN and fp32_cpu and eager:
+        return OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
-class Linear(nn.Linear):  # nn.Linear (the same keys) through linear()
+class Linear(nn.Linear):  # nn.Linear's keys, through linear()
     def forward(self, x):
         return linear(x, self.weight, self.bias)
 
 # ==== The head's Gaussian diffusion (IDDPM / DiT / MAR: create_diffusion("", "cosine")) ====
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
-    """log-likelihood of x under a Gaussian discretised into bins of width 2/255."""
+    """log-likelihood of x under a Gaussian discretised in bins of width 2/255."""
     def approx_standard_normal_cdf(v):  # tanh approximation
         return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
     centered_x = x - mean
@@ -122,8 +129,8 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, inner)
 
 class GaussianDiffusion:
-    """IDDPM's diffusion: cosine schedule, eps prediction, learned-range variance. Float64
-    tables of IDDPM's names, cast to float32 after the lookup; respace: IDDPM's respacing."""
+    """IDDPM's diffusion: cosine schedule, eps prediction, learned-range variance; float64
+    tables of IDDPM's names, float32 after the lookup; respace: IDDPM's respacing."""
     def __init__(self, num_steps=1000, respace=None):
         # alpha_bar(s) = cos^2((s + 0.008) / 1.008 * pi / 2)
         s = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
@@ -159,7 +166,7 @@ class GaussianDiffusion:
         self._float32_tables = {}  # device -> {name: float32 table}
 
     def _extract(self, name, t):
-        """Entry t (N,) of table `name` as float32 (N, 1) (_extract_into_tensor)."""
+        """Entry t (N,) of table `name`, float32 (N, 1) (_extract_into_tensor)."""
         if t.device not in self._float32_tables:
             tables = {n: v.float().to(t.device) for n, v in vars(self).items()
                       if torch.is_tensor(v) and v.is_floating_point()}
@@ -192,7 +199,7 @@ class GaussianDiffusion:
         """IDDPM's training_losses per token: x0, noise (N, C), t (N,), cond (N, D)
         -> {mse, vb, loss} (N,); loss = mse + vb (the variational bound in bits)."""
         x_t = self.q_sample(x0, t, noise)
-        # in x0's dtype: fp32 also when the net runs under bf16 autocast
+        # in x0's dtype: fp32 also under bf16 autocast
         out = net(x_t, t, cond).to(x0.dtype)  # (N, 2C)
         eps, var_out = out.chunk(2, dim=1)
         # eps detached: vb trains the variance output only
@@ -224,7 +231,7 @@ class TimestepEmbedder(nn.Module):
         exponents = torch.arange(half, dtype=torch.float32, device=t.device) / half
         freqs = torch.exp(-math.log(10000) * exponents)  # (half,)
         args = t[:, None].float() * freqs[None]  # (N, half)
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first (official)
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first, official
         return self.mlp(embedding.to(self.mlp[0].weight.dtype))  # (N, w)
 
 class ResBlock(nn.Module):
@@ -236,7 +243,7 @@ class ResBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(width, 3 * width))
 
     def forward(self, h, y_act):  # h, y_act = SiLU(y): (N, w)
-        # adaLN_modulation is SiLU then Linear: the SiLU is applied once for all blocks
+        # adaLN_modulation = SiLU, Linear: SiLU(y) comes once for all blocks
         shift, scale, gate = self.adaLN_modulation[1](y_act).chunk(3, dim=-1)
         return h + gate * self.mlp(modulate(self.in_ln(h), shift, scale))
 
@@ -264,7 +271,7 @@ class SimpleMLPAdaLN(nn.Module):
     def forward(self, x, t, c):
         """t: (N,) or (1,) for every row (the samplers: one time per call)."""
         h = self.input_proj(x)  # (N, w)
-        # each distinct step embedded once (training: ~1000 steps for many more tokens)
+        # each distinct step embedded once (training: ~1000 steps, many more tokens)
         steps, index = t.unique(return_inverse=True)
         time_emb = self.time_embed(steps)[index]  # (N or 1, w)
         y = time_emb + self.cond_embed(c)  # (N, w), for every block
@@ -288,7 +295,7 @@ class SimpleMLPAdaLN(nn.Module):
             nn.init.zeros_(layer.bias)
 
 class DiffLoss(nn.Module):
-    """The head and its denoising loss on the conditions of the masked tokens."""
+    """The head and its denoising loss, on the masked tokens' conditions."""
     def __init__(self, token_channels, cond_dim, depth, width, num_steps=1000):
         super().__init__()
         self.net = SimpleMLPAdaLN(token_channels, width, 2 * token_channels, cond_dim, depth)
@@ -308,19 +315,18 @@ class DiffLoss(nn.Module):
 
 # ==== The transformer: timm 0.9.12's Block, so that the official keys load ====
 def dropout_keep(x, p):
-    """A CPU dropout mask like x: True with probability 1 - p (to 2^-32). 32-bit integers
-    cut out of 64-bit draws: ~3x cheaper than torch's bernoulli_ (10% of an XS step)."""
+    """A CPU dropout mask like x, True with probability 1 - p (to 2^-32): 32-bit integers
+    cut from 64-bit draws, ~3x cheaper than torch's bernoulli_."""
     words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 1) // 2,), dtype=torch.int64)
-    bits = words.view(torch.int32)[:x.numel()].view(x.shape)  # uniform over 32-bit integers
+    bits = words.view(torch.int32)[:x.numel()].view(x.shape)  # uniform 32-bit integers
     return bits >= round(p * 2**32) - 2**31
 
 class Dropout(nn.Dropout):
-    """nn.Dropout (zero with probability p, the rest times 1 / (1 - p)); on CPU dropout_keep."""
+    """nn.Dropout (zero with probability p, else times 1 / (1 - p)); on CPU dropout_keep."""
     def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
+        # torch's on GPUs; x itself in eval or at p = 0
+        if x.device.type != "cpu" or not self.training or self.p == 0:
+            return F.dropout(x, self.p, self.training)
         return torch.where(dropout_keep(x, self.p), x, 0.0) * (1 / (1 - self.p))
 
 class Attention(nn.Module):
@@ -334,7 +340,7 @@ class Attention(nn.Module):
 
     def forward(self, x, queries=None):
         """x (B, N, D) -> (B, N, D); with queries (B, n, D): their outputs (B, n, D),
-        attending to all of x (the last decoder block: the positions the head reads)."""
+        attending to all of x (the last decoder block: where the head reads)."""
         B, N, D = x.shape
         head_dim = D // self.num_heads
         if queries is None:
@@ -348,7 +354,7 @@ class Attention(nn.Module):
             k, v = kv.reshape(B, N, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         # full bidirectional attention, no mask
         if self.training and self.attn_dropout > 0 and x.device.type == "cpu":
-            # SDPA's math path with dropout_keep's masks; both scales on the small side
+            # SDPA's math path, dropout_keep's masks; both scales on the small side
             attn = ((q * head_dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, n, N)
             keep = dropout_keep(attn, self.attn_dropout)
             x = (torch.where(keep, attn, 0.0) @ v) * (1 / (1 - self.attn_dropout))
@@ -391,7 +397,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 class Blocks(nn.ModuleList):
-    """Blocks run in order, the last with `read` positions (Block); keys as a ModuleList's.
+    """Blocks in order, the last with `read` positions (Block); keys as a ModuleList's.
     One module for the stack: torch.compile takes it whole (cli.compile_model)."""
     def forward(self, x, read=None):
         for block in self[:-1]:
@@ -409,9 +415,8 @@ class EMIGM(nn.Module):
                  loss_weighting="constant", t_min=0.2, use_mae=True, cfg_with_mask=True,
                  diffusion_batch_mul=4, decoder_depth=None):
         super().__init__()
-        check_schedule(mask_schedule)
-        check_weighting(loss_weighting)
-        # the arguments, stored in checkpoints: EMIGM(**model.config) rebuilds the model
+        check_choices(mask_schedule, loss_weighting)
+        # the arguments, kept in checkpoints: EMIGM(**model.config) rebuilds it
         arguments = locals()
         self.config = {name: arguments[name] for name in inspect.signature(EMIGM).parameters}
         self.seq_len = seq_len
@@ -426,15 +431,15 @@ class EMIGM(nn.Module):
         self.diffusion_batch_mul = diffusion_batch_mul
         self.per_row_masking = loss_weighting == "mdm" and not use_mae  # official: t per row
         decoder_depth = depth if decoder_depth is None else decoder_depth
-        # registered in the official state_dict order; fake_latent: the fake class
+        # in the official state_dict order; fake_latent: the fake class
         self.fake_latent = nn.Parameter(torch.zeros(1, width))
         num_positions = buffer_size + seq_len
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, num_positions, width))
         if cfg_with_mask:
-            # CFG with mask (Fig. 2e): the mask token IS the fake class (official tie)
+            # CFG with mask (Fig. 2e): the mask token IS the fake class (tied)
             self.mask_token = self.fake_latent
         else:
-            # Fig. 2e's baseline: an own mask token, [1, 1, D] as the official
+            # Fig. 2e's baseline: its own mask token, [1, 1, D] (official)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, num_positions, width))
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, seq_len, width))
@@ -479,7 +484,7 @@ class EMIGM(nn.Module):
         """tokens (B, L, C), mask (B, L) bool, class_emb (B, D)
         -> (B, buf + #unmasked, D) with MAE (Fig. 2c), (B, buf + L, D) without."""
         B, L, C = tokens.shape
-        # all tokens projected; masked ones are dropped or overwritten below
+        # all tokens projected; masked ones dropped or overwritten below
         x = self.z_proj(tokens)  # (B, L, D)
         # buffer: every slot holds the class embedding
         buffer = class_emb[:, None].to(x.dtype).expand(B, self.buffer_size, -1)
@@ -513,7 +518,7 @@ class EMIGM(nn.Module):
         positions = torch.arange(L, device=mask.device).expand(B, L)  # (B, L): all
         if read is not None:
             positions = read.nonzero()[:, 1].reshape(B, -1)  # (B, n)
-        # the head reads no buffer slot: the last block leaves them out (Blocks)
+        # the head reads no buffer slot: the last block leaves them out
         x = self.decoder_blocks(x, positions + self.buffer_size)  # (B, n, D)
         x = self.decoder_norm(x)
         # one condition per token read

@@ -73,7 +73,7 @@ def tiny_reference_model(dtype=torch.float32):
 @pytest.mark.parametrize("case", ["mask_a", "mask_b", "mask_full", "mask_none"])
 def test_encoder_decoder_match_official(case, dtype, onednn, monkeypatch):
     """Inference in fp32 on either CPU kernel: oneDNN's (the default) and MKL's (the official)."""
-    monkeypatch.setattr(emigm, "ONEDNN_INFERENCE", onednn)
+    monkeypatch.setattr(emigm, "ONEDNN", onednn)
     model = tiny_reference_model(dtype)
     inputs = REF["inputs"]
     class_emb = model.class_emb(inputs["labels"])
@@ -107,7 +107,7 @@ def test_cfg_batch_uses_fake_latent_as_uncond_class(dtype):
 @pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_head_matches_official(dtype, onednn, monkeypatch):
-    monkeypatch.setattr(emigm, "ONEDNN_INFERENCE", onednn)
+    monkeypatch.setattr(emigm, "ONEDNN", onednn)
     net = tiny_reference_model(dtype).diffloss.net
     ref = REF["net"]
     x = ref["x"].to(dtype)

@@ -4,7 +4,7 @@ computation it replaces, and --compile computes the same as eager mode.
   attention dropout on SDPA's math path;
 - the last decoder block only at the positions the head reads;
 - the head's time embedding once per distinct step, SiLU(y) once for all adaLN layers;
-- oneDNN's linear kernel for CPU inference (emigm.linear); freed memory kept for reuse (cli);
+- oneDNN's linear kernels on CPU (emigm.linear, training's OneDNNLinear); freed memory kept for reuse (cli);
 - torch.compile of the stacks and the head (train.py / sample.py --compile);
 - bench.py compare, which times another checkout beside this one.
 Run: python -m pytest -q test_speed.py"""
@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -137,14 +138,15 @@ def test_head_embeds_each_distinct_step_once_and_broadcasts_one_time():
         assert rel_err(net(x, one, c), expected) <= FP32_TOL
 
 
-# ---- oneDNN's kernel for CPU inference
-def test_linear_takes_onednn_only_in_fp32_cpu_inference(monkeypatch):
-    """emigm.linear calls oneDNN's kernel without autograd in fp32 (within fp32 rounding of
-    F.linear); with autograd, in fp64, under autocast or with ONEDNN_INFERENCE off, F.linear."""
+# ---- oneDNN's kernels on CPU
+def test_linear_takes_onednn_only_in_eager_fp32_on_cpu(monkeypatch):
+    """emigm.linear calls oneDNN's kernel in fp32 on CPU, without autograd and with it
+    (OneDNNLinear: its output and input gradient); in fp64, under autocast or with ONEDNN
+    off, F.linear, bit for bit."""
     calls = []
     onednn = torch.ops.mkldnn._linear_pointwise
     def spy(*args):
-        calls.append(args[0].shape)
+        calls.append(tuple(args[0].shape))
         return onednn(*args)
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
     g = torch.Generator().manual_seed(8)
@@ -157,21 +159,43 @@ def test_linear_takes_onednn_only_in_fp32_cpu_inference(monkeypatch):
         layer.double()(x.double())
         with torch.autocast("cpu", torch.bfloat16):
             layer.float()(x)
-        monkeypatch.setattr(emigm, "ONEDNN_INFERENCE", False)
+        monkeypatch.setattr(emigm, "ONEDNN", False)
         assert torch.equal(layer(x), expected)
-    monkeypatch.setattr(emigm, "ONEDNN_INFERENCE", True)
-    assert torch.equal(layer(x), expected)
-    assert calls == [(3, 7, 64)]
+    assert torch.equal(layer(x), expected)  # autograd, ONEDNN off
+    monkeypatch.setattr(emigm, "ONEDNN", True)
+    layer(x).sum().backward()  # the output, then the input gradient (x needs none: no call)
+    assert calls == [(3, 7, 64)] * 2
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(5, 64), (3, 7, 64)])
+def test_onednn_linear_gradients_equal_torch_linear(shape, bias):
+    """OneDNNLinear (training's linear layers on CPU) has F.linear's output and gradients for
+    the input, weight and bias, within fp32 rounding; also for a non-contiguous output grad."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    weight = torch.randn(96, 64, generator=g, requires_grad=True)
+    bias = torch.randn(96, generator=g, requires_grad=True) if bias else None
+    inputs = [x, weight] + ([bias] if bias is not None else [])
+    grad = torch.randn(96, *shape[:-1], generator=g).movedim(0, -1)  # non-contiguous
+    out = emigm.linear(x, weight, bias)
+    assert out.grad_fn.name() == "OneDNNLinearBackward"
+    expected = F.linear(x, weight, bias)
+    assert rel_err(out, expected) <= FP32_TOL
+    grads = torch.autograd.grad(out, inputs, grad)
+    expected_grads = torch.autograd.grad(expected, inputs, grad)
+    for value, reference in zip(grads, expected_grads):
+        assert rel_err(value, reference) <= FP32_TOL
 
 
 def test_sampler_with_onednn_equals_the_mkl_kernels(monkeypatch):
     """The sampler's tokens with oneDNN's kernel (the default on CPU) and with torch's own
-    (ONEDNN_INFERENCE off, the official code's MKL) agree within fp32 rounding."""
+    (ONEDNN off, the official code's MKL) agree within fp32 rounding."""
     model = trained_looking(small_model()).eval()
     labels = torch.tensor([0, 3])
     samples = []
     for onednn in (True, False):
-        monkeypatch.setattr(emigm, "ONEDNN_INFERENCE", onednn)
+        monkeypatch.setattr(emigm, "ONEDNN", onednn)
         generator = torch.Generator().manual_seed(0)
         samples.append(sample.sample_tokens(model, labels, 4, 2.0, generator=generator))
     assert rel_err(samples[0], samples[1]) <= 1e-4
@@ -194,6 +218,30 @@ def test_keep_freed_memory_reuses_large_buffers_without_page_faults():
     assert kept == str(platform.libc_ver()[0] == "glibc")
     if kept == "True":
         assert int(faults) < 1000
+
+
+def test_limit_onednn_cache_bounds_the_kernels_memory():
+    """cli.limit_onednn_cache (every entry point): oneDNN keeps 32 kernels, not 1024. Linear
+    layers at 120 row counts on a 1 MB weight: each kept kernel holds a reordered copy of it,
+    so the default grows the process by ~100 MB more; a user's capacity wins."""
+    code = ("import os, torch, cli, emigm\n"
+            "cli.limit_onednn_cache()\n"
+            "weight = torch.randn(1024, 256)\n"
+            "for rows in range(2000, 2120):\n"
+            "    emigm.linear(torch.randn(rows, 256), weight, None)\n"
+            "resident_kb = int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') // 1024\n"
+            "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], resident_kb)\n")
+    assert emigm.ONEDNN
+    here = os.path.dirname(os.path.abspath(cli.__file__))
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    resident = {}
+    for capacity in ({}, {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}):
+        result = subprocess.run([sys.executable, "-c", code], cwd=here, env={**env, **capacity},
+                                capture_output=True, text=True, check=True)
+        kernels, resident_kb = result.stdout.split()
+        resident[kernels] = int(resident_kb)  # (ru_maxrss would count the parent's, from fork)
+    assert set(resident) == {str(cli.ONEDNN_CACHED_KERNELS), "1024"}
+    assert resident["1024"] - resident[str(cli.ONEDNN_CACHED_KERNELS)] > 30_000
 
 
 # ---- torch.compile
@@ -258,13 +306,14 @@ def test_sample_compile_flag_compiles_with_frozen_weights(tmp_path, monkeypatch)
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
-def test_sampler_flop_hooks_count_what_torch_counts():
+def test_sampler_flop_hooks_count_what_torch_counts(monkeypatch):
     """bench.count_flops (sample.py --bench) on an encoder and decoder pass that reads 5 of 16
     positions: the hooks' sum equals torch's FlopCounterMode on SDPA's math path, the last
     decoder block's q and kv matmuls (no qkv module call) and its 5 x 18 attention included."""
     import bench
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
+    monkeypatch.setattr(emigm, "ONEDNN", False)  # FlopCounterMode counts aten's matmuls only
     model = small_model(depth=2).eval()
     hooks = bench.count_flops(model)
     g = torch.Generator().manual_seed(10)
@@ -275,6 +324,19 @@ def test_sampler_flop_hooks_count_what_torch_counts():
         encoded = model.forward_encoder(tokens, mask, model.class_emb(torch.tensor([0, 1, 2])))
         model.forward_decoder(encoded, mask, read)
     assert sum(hooks) == counter.get_total_flops() > 0
+
+
+def test_timed_median_starts_each_round_from_one_rng_state():
+    """bench.timed_median: the runs of a round draw the same random numbers (training steps:
+    the same masks, so the same work for both checkouts); the rounds draw different ones."""
+    import bench
+    draws = {"ours": [], "theirs": []}
+    def run(name):
+        draws[name].append(float(torch.rand(())))
+    medians = bench.timed_median({name: partial(run, name) for name in draws}, rounds=3)
+    assert draws["ours"] == draws["theirs"]
+    assert len(set(draws["ours"])) == 3
+    assert set(medians) == {"ours", "theirs"}
 
 
 def test_compare_times_another_checkout_beside_ours(tmp_path, capsys):
