@@ -40,8 +40,8 @@ def mask_ratio(t, schedule):
 
 def mask_ratio_derivative(t, schedule):
     """gamma'_t by autograd of mask_ratio: one formula per schedule."""
-    t = torch.as_tensor(t, dtype=torch.float32).detach().requires_grad_()
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
+        t = torch.as_tensor(t, dtype=torch.float32).clone().requires_grad_()
         return torch.autograd.grad(mask_ratio(t, schedule).sum(), t)[0]
 
 def loss_weight(t, schedule, weighting="constant"):
@@ -112,7 +112,7 @@ class Linear(nn.Linear):  # nn.Linear's keys, through linear()
     def forward(self, x):
         return linear(x, self.weight, self.bias)
 
-# ==== The head's Gaussian diffusion (IDDPM / DiT / MAR: create_diffusion("", "cosine")) ====
+# ==== The head's diffusion (IDDPM / DiT / MAR: create_diffusion("", "cosine")) ====
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
     """log-likelihood of x under a Gaussian discretised in bins of width 2/255."""
     def approx_standard_normal_cdf(v):  # tanh approximation
@@ -408,7 +408,7 @@ class Blocks(nn.ModuleList):
 
 # ==== eMIGM (Sec. 3, Fig. 2) ====
 class EMIGM(nn.Module):
-    """MAE encoder-decoder, per-token diffusion head; tokens (B, L, C), mask (B, L) bool."""
+    """MAE encoder-decoder, per-token head; tokens (B, L, C), mask (B, L) bool."""
     def __init__(self, seq_len, token_channels, width, depth, num_heads, head_depth, head_width,
                  num_classes=1000, buffer_size=64, mlp_ratio=4.0, label_drop_prob=0.1,
                  attn_dropout=0.1, proj_dropout=0.1, mask_schedule="exp",

@@ -9,6 +9,7 @@ evaluation against the official fp32 vectors (here measured at most 8.9e-7, the 
 their vb part 8.8e-6, under VB_TOL), FP32_TOL for our fp32 one (measured 0.0 but for the loss's
 final sum, 1.6e-7).
 """
+import math
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,24 @@ def test_mask_token_layouts_across_checkpoints():
     model = checkpoints.load_weights(ablation_model(load=False), {"ema": old})
     assert torch.equal(model.mask_token, REF["state_dict"]["mask_token"])
     assert old["mask_token"].shape == (1, 64)  # the caller's dict is left as it was
+
+
+def test_mask_ratio_derivative_is_the_closed_form_in_any_grad_mode():
+    """gamma'_t (MDM's weighting, Fig. 2b), by autograd of gamma_t, equals each schedule's
+    closed form, also under no_grad and inference_mode (a loss computed in either)."""
+    t = torch.linspace(0.01, 1, 100)
+    e5 = math.exp(5.0)
+    closed_forms = {"linear": torch.ones_like(t),
+                    "cosine": math.pi / 2 * torch.sin(math.pi / 2 * (1 - t)),
+                    "exp": 5 * torch.exp(-5 * t),
+                    "log": (e5 - 1) / (5 * (1 + (e5 - 1) * t)),
+                    "poly-0.5": 0.5 / torch.sqrt(t)}
+    assert set(closed_forms) == set(emigm.SCHEDULES)
+    for schedule, expected in closed_forms.items():
+        for grad_mode in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+            with grad_mode():
+                derivative = emigm.mask_ratio_derivative(t, schedule)
+            assert rel_err(derivative, expected) <= 1e-6
 
 
 def test_official_schedule_names():
