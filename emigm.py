@@ -92,10 +92,10 @@ class OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad (..., out)
         x, weight = ctx.saved_tensors
-        needs_x, _, needs_bias = ctx.needs_input_grad
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad
         grad_x = OneDNNLinear.apply(grad, weight.t(), None) if needs_x else None
         rows = grad.reshape(-1, grad.shape[-1])  # (M, out)
-        grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1]))  # (out, in)
+        grad_weight = rows.t().mm(x.reshape(-1, x.shape[-1])) if needs_weight else None
         grad_bias = rows.sum(0) if needs_bias else None
         return grad_x, grad_weight, grad_bias
 
@@ -313,7 +313,7 @@ class DiffLoss(nn.Module):
         x0 = target.to(torch.promote_types(target.dtype, torch.float32))
         return self.diffusion.training_terms(self.net, x0, t, z, noise)
 
-# ==== The transformer: timm 0.9.12's Block, so that the official keys load ====
+# ==== The transformer: timm 0.9.12's Block, so the official keys load ====
 def dropout_keep(x, p):
     """A CPU dropout mask like x, True with probability 1 - p (to 2^-32): 32-bit integers
     cut from 64-bit draws, ~3x cheaper than torch's bernoulli_."""
@@ -322,7 +322,7 @@ def dropout_keep(x, p):
     return bits >= round(p * 2**32) - 2**31
 
 class Dropout(nn.Dropout):
-    """nn.Dropout (zero with probability p, else times 1 / (1 - p)); on CPU dropout_keep."""
+    """nn.Dropout (zero with probability p, else x / (1 - p)); on CPU dropout_keep."""
     def forward(self, x):
         # torch's on GPUs; x itself in eval or at p = 0
         if x.device.type != "cpu" or not self.training or self.p == 0:
@@ -387,7 +387,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_dropout)
 
     def forward(self, x, read=None):
-        """x (B, N, D) -> (B, N, D); with read (B, n) positions: their outputs (B, n, D)."""
+        """x (B, N, D) -> (B, N, D); with read (B, n) positions: the outputs there (B, n, D)."""
         if read is None:
             x = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))
@@ -514,7 +514,7 @@ class EMIGM(nn.Module):
             x = full  # (B, buf + L, D)
         x = x + self.decoder_pos_embed_learned
         B, L = mask.shape
-        # the positions read, in row-major order (the official z[mask]); n per row
+        # the positions read, row-major (the official z[mask]); n per row
         positions = torch.arange(L, device=mask.device).expand(B, L)  # (B, L): all
         if read is not None:
             positions = read.nonzero()[:, 1].reshape(B, -1)  # (B, n)

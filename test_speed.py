@@ -163,8 +163,10 @@ def test_linear_takes_onednn_only_in_eager_fp32_on_cpu(monkeypatch):
         assert torch.equal(layer(x), expected)
     assert torch.equal(layer(x), expected)  # autograd, ONEDNN off
     monkeypatch.setattr(emigm, "ONEDNN", True)
-    layer(x).sum().backward()  # the output, then the input gradient (x needs none: no call)
+    layer(x).sum().backward()  # the output; x needs no gradient: no second call
     assert calls == [(3, 7, 64)] * 2
+    layer(x.requires_grad_()).sum().backward()  # the output, then the input gradient
+    assert calls == [(3, 7, 64)] * 3 + [(3, 7, 96)]
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -324,6 +326,26 @@ def test_sampler_flop_hooks_count_what_torch_counts(monkeypatch):
         encoded = model.forward_encoder(tokens, mask, model.class_emb(torch.tensor([0, 1, 2])))
         model.forward_decoder(encoded, mask, read)
     assert sum(hooks) == counter.get_total_flops() > 0
+
+
+def test_onednn_linear_skips_the_gradients_no_one_needs(monkeypatch):
+    """A frozen layer (an EMA copy, a fixed tokenizer) in a graph: OneDNNLinear's backward
+    computes the input's gradient only, no weight gradient matmul (autograd's addmm skips it
+    too); with x frozen instead, only the weight's and bias's."""
+    matmuls = []
+    mm = torch.Tensor.mm
+    def spy(a, b):
+        matmuls.append(tuple(b.shape))
+        return mm(a, b)
+    monkeypatch.setattr(torch.Tensor, "mm", spy)
+    layer = emigm.Linear(64, 96).requires_grad_(False)
+    x = torch.randn(5, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert matmuls == [] and x.grad.shape == (5, 64)
+    layer.requires_grad_(True)
+    layer(x.detach()).sum().backward()
+    assert matmuls == [(5, 64)] and layer.weight.grad.shape == (96, 64)
+    assert torch.equal(layer.bias.grad, torch.full((96,), 5.0))
 
 
 def test_timed_median_starts_each_round_from_one_rng_state():
