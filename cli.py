@@ -7,6 +7,7 @@ import argparse
 import ctypes
 import os
 import resource
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,25 @@ def limit_onednn_cache():
     for sampling). oneDNN reads it at its first kernel: call before any model runs. A user's
     ONEDNN_PRIMITIVE_CACHE_CAPACITY wins."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHED_KERNELS))
+
+@contextmanager
+def packed_weights(model):
+    """Inside: each fp32 CPU weight of `model`'s emigm.Linear layers also in oneDNN's blocked
+    layout (their `packed`), which calls without autograd take. Otherwise oneDNN reorders a
+    weight in every call: thousands per sampling run, 6-9% of an XS run (README, Speed). The
+    same values within fp32 rounding (bit-equal XS runs here; 1-row calls take another
+    kernel). Costs a second copy of those weights; they must not change inside."""
+    layers = [m for m in model.modules() if hasattr(m, "packed")]
+    onednn = torch.backends.mkldnn.is_available()
+    for layer in layers:
+        weight = layer.weight.detach()
+        if onednn and weight.device.type == "cpu" and weight.dtype == torch.float32:
+            layer.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.packed = None
 
 def setup_distributed():
     """DiT's set-up, made optional: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is one process.

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ==== Mask schedules (Table 4), loss weighting (Fig. 2b), masking (Sec. 3) ====
-# gamma_t: the share masked at time t; official extras 'poly-0.5' (old 'poly0.5'), 'log'
+# gamma_t: the share masked at t; official extras 'poly-0.5' (old 'poly0.5'), 'log'
 SCHEDULES = ("linear", "cosine", "exp", "poly-0.5", "log")
 WEIGHTINGS = ("constant", "mdm")
 TRAIN_T_EPS = 1e-3  # training maps t to (1 - eps) t + eps, so gamma_t > 0
@@ -99,18 +99,20 @@ class OneDNNLinear(torch.autograd.Function):
         grad_bias = rows.sum(0) if needs_bias else None
         return grad_x, grad_weight, grad_bias
 
-def linear(x, weight, bias):
-    """F.linear; eager fp32 on CPU: oneDNN, 1.1-1.2x MKL's speed at many rows, 2-3x at
-    few (README, Speed)."""
+def linear(x, weight, bias, packed=None):
+    """F.linear; eager fp32 on CPU: oneDNN's (prepacked without autograd; README)."""
     fp32_cpu = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
     eager = not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
     if ONEDNN and fp32_cpu and eager:
+        if packed is not None and not torch.is_grad_enabled():
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 class Linear(nn.Linear):  # nn.Linear's keys, through linear()
+    packed = None  # the weight in oneDNN's layout while sampling (cli.py)
     def forward(self, x):
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 # ==== The head's diffusion (IDDPM / DiT / MAR: create_diffusion("", "cosine")) ====
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
@@ -143,14 +145,13 @@ class GaussianDiffusion:
             self.timesteps = torch.tensor([round(i * stride) for i in range(respace)])
             # the kept steps keep their alpha_bar
             kept = torch.cumprod(1 - betas, 0)[self.timesteps]
-            betas = 1 - kept / torch.cat([torch.ones(1, dtype=torch.float64), kept[:-1]])
+            betas = 1 - kept / F.pad(kept[:-1], (1, 0), value=1.0)
         self.num_steps = len(betas)
         self.betas = betas
         self.log_betas = torch.log(betas)
         alphas = 1 - betas
         self.alphas_cumprod = torch.cumprod(alphas, 0)
-        one = torch.ones(1, dtype=torch.float64)
-        self.alphas_cumprod_prev = torch.cat([one, self.alphas_cumprod[:-1]])
+        self.alphas_cumprod_prev = F.pad(self.alphas_cumprod[:-1], (1, 0), value=1.0)
         # q(x_t | x_0)
         self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1 - self.alphas_cumprod)
@@ -231,7 +232,7 @@ class TimestepEmbedder(nn.Module):
         exponents = torch.arange(half, dtype=torch.float32, device=t.device) / half
         freqs = torch.exp(-math.log(10000) * exponents)  # (half,)
         args = t[:, None].float() * freqs[None]  # (N, half)
-        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first, official
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cos first
         return self.mlp(embedding.to(self.mlp[0].weight.dtype))  # (N, w)
 
 class ResBlock(nn.Module):
@@ -271,7 +272,7 @@ class SimpleMLPAdaLN(nn.Module):
     def forward(self, x, t, c):
         """t: (N,) or (1,) for every row (the samplers: one time per call)."""
         h = self.input_proj(x)  # (N, w)
-        # each distinct step embedded once (training: ~1000 steps, many more tokens)
+        # each distinct step embedded once (~1000 steps, many more tokens)
         steps, index = t.unique(return_inverse=True)
         time_emb = self.time_embed(steps)[index]  # (N or 1, w)
         y = time_emb + self.cond_embed(c)  # (N, w), for every block
@@ -318,13 +319,13 @@ def dropout_keep(x, p):
     """A CPU dropout mask like x, True with probability 1 - p (to 2^-32): 32-bit integers
     cut from 64-bit draws, ~3x cheaper than torch's bernoulli_."""
     words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 1) // 2,), dtype=torch.int64)
-    bits = words.view(torch.int32)[:x.numel()].view(x.shape)  # uniform 32-bit integers
+    bits = words.view(torch.int32)[:x.numel()].view(x.shape)  # uniform int32
     return bits >= round(p * 2**32) - 2**31
 
 class Dropout(nn.Dropout):
-    """nn.Dropout (zero with probability p, else x / (1 - p)); on CPU dropout_keep."""
+    """nn.Dropout: zero with probability p, else x / (1 - p); in training on CPU
+    dropout_keep's masks, else torch's (x itself in eval or at p = 0)."""
     def forward(self, x):
-        # torch's on GPUs; x itself in eval or at p = 0
         if x.device.type != "cpu" or not self.training or self.p == 0:
             return F.dropout(x, self.p, self.training)
         return torch.where(dropout_keep(x, self.p), x, 0.0) * (1 / (1 - self.p))
@@ -387,7 +388,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_dropout)
 
     def forward(self, x, read=None):
-        """x (B, N, D) -> (B, N, D); with read (B, n) positions: the outputs there (B, n, D)."""
+        """x (B, N, D) -> (B, N, D); with read (B, n): the outputs there (B, n, D)."""
         if read is None:
             x = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))
@@ -397,8 +398,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 class Blocks(nn.ModuleList):
-    """Blocks in order, the last with `read` positions (Block); keys as a ModuleList's.
-    One module for the stack: torch.compile takes it whole (cli.compile_model)."""
+    """Blocks in order, the last with `read`; torch.compile takes it whole."""
     def forward(self, x, read=None):
         for block in self[:-1]:
             x = block(x)
@@ -546,7 +546,7 @@ class EMIGM(nn.Module):
         # MAE encoder and decoder: one condition z_i per token
         x = self.forward_encoder(tokens, mask, self.class_embedding(labels))
         # the head on the masked tokens only (official: on all, loss times the mask);
-        # MAE masks the same count in every row: the last block computes only those
+        # MAE masks as many in every row: the last block computes only those
         read = mask if self.use_mae else None
         z = self.forward_decoder(x, mask, read)  # (B, |M| / B or L, D)
         z = z.reshape(-1, z.shape[-1]) if self.use_mae else z[mask]  # (|M|, D)
@@ -578,14 +578,14 @@ SIZES = {
     "L": dict(width=1024, depth=16, num_heads=16, head={256: (8, 1280), 512: (8, 1280)}),
     "H": dict(width=1280, depth=20, num_heads=16, head={256: (12, 1536)}),
 }
-# Tiny: the CPU demo's model (train.py --demo), not a paper's: 28x28 Fashion-MNIST in 7x7
+# Tiny: the CPU demo's model (train.py --demo): 28x28 Fashion-MNIST in 7x7
 # pixel patches, 16 tokens of 49 values; a 3x256 head on 4 copies of each masked token.
 TINY = dict(seq_len=16, token_channels=49, width=192, depth=3, num_heads=4, head_depth=3,
             head_width=256, num_classes=10, buffer_size=4, diffusion_batch_mul=4,
             attn_dropout=0.0, proj_dropout=0.0)
 
 def create_emigm(size, img_size=256, **overrides):
-    """A preset ('Tiny' or a paper size at 256/512 px); overrides replace arguments."""
+    """A preset ('Tiny' or a paper size at 256/512 px); overrides: arguments."""
     if size == "Tiny":
         return EMIGM(**{**TINY, **overrides})
     if size not in SIZES or img_size not in SIZES[size]["head"]:

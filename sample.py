@@ -32,8 +32,8 @@ import torch.distributed as dist
 import checkpoints
 import emigm
 from head_samplers import HEAD_SAMPLERS, draw
-from cli import batch_seed, compile_model, guidance_scale, nonnegative_int, peak_memory_gb
-from cli import positive_float, positive_int, setup_distributed, unit_interval
+from cli import batch_seed, compile_model, guidance_scale, nonnegative_int, packed_weights
+from cli import peak_memory_gb, positive_float, positive_int, setup_distributed, unit_interval
 
 # the sampler's last time (training uses emigm.TRAIN_T_EPS)
 SAMPLER_EPS = 1e-5
@@ -196,31 +196,32 @@ def sample_tokens(model, labels=None, num_iter=16, cfg=4.0, cfg_schedule="consta
     unknown = (~known.mask).sum(1)  # (B,)
     # the MAE encoder keeps the same count in every row: one run per unknown count
     counts = [n for n in unknown.unique().tolist() if n > 0]
-    for count in counts:
-        rows = (unknown == count).nonzero()[:, 0]  # (b,)
-        t0 = start_time(count / L, mask_schedule)
-        reveal_share = reveal_schedule(num_iter, mask_schedule, t0)[1]  # (K,)
-        guided = cfg_steps(num_iter, cfg, cfg_interval, t0).tolist()  # (K,)
-        x = tokens[rows]  # (b, L, C)
-        rows_emb = class_emb[rows]  # (b, D)
-        mask = ~known.mask[rows]  # (b, L): True = not generated yet
-        for k in range(num_iter):
-            # everything was revealed early (possible, rare)
-            if not mask[0].any():
-                break
-            share = reveal_share[k].item()
-            reveal = choose_reveal(mask, share, generator)  # (b, L)
-            scale = cfg
-            if cfg_schedule != "constant":
-                # u: the share revealed after this step
-                still_masked = (mask[0].sum() - reveal[0].sum()).item()
-                scale = cfg_scale(cfg, cfg_schedule, 1 - still_masked / L)
-            x = predict_revealed(model, x, mask, reveal, rows_emb, cfg=scale,
-                                 guided=guided[k], head_sampler=head_sampler,
-                                 head_steps=head_steps, temperature=temperature,
-                                 generator=generator, precision=precision)  # (b, L, C)
-            mask = mask & ~reveal
-        tokens[rows] = x
+    with packed_weights(model):  # each weight in oneDNN's layout once (cli.py)
+        for count in counts:
+            rows = (unknown == count).nonzero()[:, 0]  # (b,)
+            t0 = start_time(count / L, mask_schedule)
+            reveal_share = reveal_schedule(num_iter, mask_schedule, t0)[1]  # (K,)
+            guided = cfg_steps(num_iter, cfg, cfg_interval, t0).tolist()  # (K,)
+            x = tokens[rows]  # (b, L, C)
+            rows_emb = class_emb[rows]  # (b, D)
+            mask = ~known.mask[rows]  # (b, L): True = not generated yet
+            for k in range(num_iter):
+                # everything was revealed early (possible, rare)
+                if not mask[0].any():
+                    break
+                share = reveal_share[k].item()
+                reveal = choose_reveal(mask, share, generator)  # (b, L)
+                scale = cfg
+                if cfg_schedule != "constant":
+                    # u: the share revealed after this step
+                    still_masked = (mask[0].sum() - reveal[0].sum()).item()
+                    scale = cfg_scale(cfg, cfg_schedule, 1 - still_masked / L)
+                x = predict_revealed(model, x, mask, reveal, rows_emb, cfg=scale,
+                                     guided=guided[k], head_sampler=head_sampler,
+                                     head_steps=head_steps, temperature=temperature,
+                                     generator=generator, precision=precision)  # (b, L, C)
+                mask = mask & ~reveal
+            tokens[rows] = x
     return tokens
 
 # ==== 5. The paper's sampling settings (Tables 2, 3; official evaluation) ====

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import emigm
 import inpaint
 import sample
@@ -82,18 +83,20 @@ def reference_sample_tokens(model, labels, num_iter, cfg, cfg_schedule, cfg_inte
     tokens = torch.zeros(B, L, model.token_channels)
     mask = torch.ones(B, L, dtype=torch.bool)
     class_emb = model.class_emb(labels)
-    for k in range(num_iter):
-        if not mask[0].any():
-            break
-        reveal = sample.choose_reveal(mask, reveal_share[k].item(), generator)
-        scale = cfg
-        if cfg_schedule != "constant":
-            u = 1 - (mask[0].sum() - reveal[0].sum()).item() / L
-            scale = sample.cfg_scale(cfg, cfg_schedule, u)
-        tokens = sample.predict_revealed(model, tokens, mask, reveal, class_emb, cfg=scale,
-                                         guided=guided[k], head_steps=head_steps,
-                                         generator=generator)
-        mask = mask & ~reveal
+    # the kernels of sample_tokens: prepacked weights (another kernel at 1-row calls)
+    with cli.packed_weights(model):
+        for k in range(num_iter):
+            if not mask[0].any():
+                break
+            reveal = sample.choose_reveal(mask, reveal_share[k].item(), generator)
+            scale = cfg
+            if cfg_schedule != "constant":
+                u = 1 - (mask[0].sum() - reveal[0].sum()).item() / L
+                scale = sample.cfg_scale(cfg, cfg_schedule, u)
+            tokens = sample.predict_revealed(model, tokens, mask, reveal, class_emb, cfg=scale,
+                                             guided=guided[k], head_steps=head_steps,
+                                             generator=generator)
+            mask = mask & ~reveal
     return tokens
 
 

@@ -4,10 +4,12 @@ computation it replaces, and --compile computes the same as eager mode.
   attention dropout on SDPA's math path;
 - the last decoder block only at the positions the head reads;
 - the head's time embedding once per distinct step, SiLU(y) once for all adaLN layers;
-- oneDNN's linear kernels on CPU (emigm.linear, training's OneDNNLinear); freed memory kept for reuse (cli);
+- oneDNN's linear kernels on CPU (emigm.linear, training's OneDNNLinear), the weights prepacked while
+  sampling (cli.packed_weights); freed memory kept for reuse (cli);
 - torch.compile of the stacks and the head (train.py / sample.py --compile);
 - bench.py compare, which times another checkout beside this one.
 Run: python -m pytest -q test_speed.py"""
+import contextlib
 import copy
 import os
 import platform
@@ -201,6 +203,67 @@ def test_sampler_with_onednn_equals_the_mkl_kernels(monkeypatch):
         generator = torch.Generator().manual_seed(0)
         samples.append(sample.sample_tokens(model, labels, 4, 2.0, generator=generator))
     assert rel_err(samples[0], samples[1]) <= 1e-4
+
+
+def test_packed_weights_serve_inference_only_and_are_gone_after(monkeypatch):
+    """cli.packed_weights: inside, every emigm.Linear also has its weight in oneDNN's layout,
+    which the calls without autograd take (the output as with the plain weight); calls with
+    autograd take the plain weight (gradients as outside). After it, also after an error,
+    no layer keeps one."""
+    weights = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+    def spy(*args):
+        weights.append(args[1].is_mkldnn)
+        return onednn(*args)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    model = small_model().eval()
+    layers = [m for m in model.modules() if isinstance(m, emigm.Linear)]
+    layer = model.diffloss.net.cond_embed
+    x = torch.randn(6, layer.in_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = layer(x)
+    layer(x).sum().backward()
+    expected_grad = layer.weight.grad.clone()
+    layer.weight.grad = None
+    with cli.packed_weights(model):
+        assert all(m.packed is not None and m.packed.is_mkldnn for m in layers)
+        weights.clear()
+        with torch.no_grad():
+            assert rel_err(layer(x), expected) <= FP32_TOL
+        assert weights == [True]
+        layer(x).sum().backward()
+        assert weights == [True, False]
+        assert rel_err(layer.weight.grad, expected_grad) <= FP32_TOL
+    assert all(m.packed is None for m in layers)
+    with pytest.raises(RuntimeError, match="inside"):
+        with cli.packed_weights(model):
+            raise RuntimeError("an error inside")
+    assert all(m.packed is None for m in layers)
+
+
+def test_sampler_runs_on_packed_weights_with_the_same_tokens(monkeypatch):
+    """sample_tokens runs inside cli.packed_weights: every linear layer's call there takes a
+    packed weight but the last decoder block's q and kv (slices of qkv); its tokens agree
+    with a run without packing within fp32 rounding (bit-equal on the CPUs measured)."""
+    weights = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+    def spy(*args):
+        weights.append(args[1].is_mkldnn)
+        return onednn(*args)
+    model = trained_looking(small_model()).eval()
+    labels = torch.tensor([0, 3])
+    samples = []
+    for packing in (cli.packed_weights, contextlib.nullcontext):
+        monkeypatch.setattr(sample, "packed_weights", packing)
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+        generator = torch.Generator().manual_seed(0)
+        samples.append(sample.sample_tokens(model, labels, 4, 2.0, generator=generator))
+        monkeypatch.undo()
+    assert rel_err(samples[0], samples[1]) <= FP32_TOL
+    packed_run = weights[:len(weights) // 2]
+    assert weights[len(weights) // 2:] == [False] * len(packed_run)
+    assert packed_run.count(False) == 2 * 4  # q and kv, once per step
+    assert packed_run.count(True) > 10 * 4
 
 
 # ---- the allocator
