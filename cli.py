@@ -55,8 +55,10 @@ def packed_weights(model):
     layout (their `packed`), which calls without autograd take. Otherwise oneDNN reorders a
     weight in every call: thousands per sampling run, 6-9% of an XS run (README, Speed). The
     same values within fp32 rounding (bit-equal XS runs here; 1-row calls take another
-    kernel). Costs a second copy of those weights; they must not change inside."""
+    kernel). Costs a second copy of those weights; they must not change inside. Nested: the
+    outer one's copies come back at the inner one's end."""
     layers = [m for m in model.modules() if hasattr(m, "packed")]
+    outer = [layer.packed for layer in layers]
     onednn = torch.backends.mkldnn.is_available()
     for layer in layers:
         weight = layer.weight.detach()
@@ -65,8 +67,8 @@ def packed_weights(model):
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.packed = None
+        for layer, packed in zip(layers, outer):
+            layer.packed = packed
 
 def setup_distributed():
     """DiT's set-up, made optional: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is one process.

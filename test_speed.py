@@ -209,7 +209,7 @@ def test_packed_weights_serve_inference_only_and_are_gone_after(monkeypatch):
     """cli.packed_weights: inside, every emigm.Linear also has its weight in oneDNN's layout,
     which the calls without autograd take (the output as with the plain weight); calls with
     autograd take the plain weight (gradients as outside). After it, also after an error,
-    no layer keeps one."""
+    no layer keeps one; after a nested one, the outer one's come back."""
     weights = []
     onednn = torch.ops.mkldnn._linear_pointwise
     def spy(*args):
@@ -238,6 +238,13 @@ def test_packed_weights_serve_inference_only_and_are_gone_after(monkeypatch):
     with pytest.raises(RuntimeError, match="inside"):
         with cli.packed_weights(model):
             raise RuntimeError("an error inside")
+    assert all(m.packed is None for m in layers)
+    # nested (sample_tokens inside a caller's packing): the outer copies come back
+    with cli.packed_weights(model):
+        outer = [m.packed for m in layers]
+        with cli.packed_weights(model):
+            assert all(m.packed is not p for m, p in zip(layers, outer))
+        assert all(m.packed is p for m, p in zip(layers, outer))
     assert all(m.packed is None for m in layers)
 
 
