@@ -108,10 +108,12 @@ def training_flops(training, tokens, labels, steps, seed):
     torch.manual_seed(seed)
     onednn = emigm.ONEDNN
     emigm.ONEDNN = False
-    with flop_counter.FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        for _ in range(steps):
-            training.step(tokens, labels)
-    emigm.ONEDNN = onednn
+    try:
+        with flop_counter.FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            for _ in range(steps):
+                training.step(tokens, labels)
+    finally:
+        emigm.ONEDNN = onednn
     return counter.get_total_flops()
 
 # train.py --bench flags of each row of the memory table (same global batch)

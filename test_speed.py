@@ -141,23 +141,29 @@ def test_head_embeds_each_distinct_step_once_and_broadcasts_one_time():
 
 
 # ---- oneDNN's kernels on CPU
+def spy_onednn(monkeypatch):
+    """Record each call of oneDNN's linear op as (input shape, weight packed?)."""
+    calls = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+    def spy(*args):
+        calls.append((tuple(args[0].shape), args[1].is_mkldnn))
+        return onednn(*args)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    return calls
+
+
 def test_linear_takes_onednn_only_in_eager_fp32_on_cpu(monkeypatch):
     """emigm.linear calls oneDNN's kernel in fp32 on CPU, without autograd and with it
     (OneDNNLinear: its output and input gradient); in fp64, under autocast or with ONEDNN
     off, F.linear, bit for bit."""
-    calls = []
-    onednn = torch.ops.mkldnn._linear_pointwise
-    def spy(*args):
-        calls.append(tuple(args[0].shape))
-        return onednn(*args)
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    calls = spy_onednn(monkeypatch)
     g = torch.Generator().manual_seed(8)
     layer = emigm.Linear(64, 96)
     x = torch.randn(3, 7, 64, generator=g)
     expected = F.linear(x, layer.weight, layer.bias)
     with torch.no_grad():
         assert rel_err(layer(x), expected) <= FP32_TOL
-        assert calls == [(3, 7, 64)]
+        assert calls == [((3, 7, 64), False)]
         layer.double()(x.double())
         with torch.autocast("cpu", torch.bfloat16):
             layer.float()(x)
@@ -166,9 +172,9 @@ def test_linear_takes_onednn_only_in_eager_fp32_on_cpu(monkeypatch):
     assert torch.equal(layer(x), expected)  # autograd, ONEDNN off
     monkeypatch.setattr(emigm, "ONEDNN", True)
     layer(x).sum().backward()  # the output; x needs no gradient: no second call
-    assert calls == [(3, 7, 64)] * 2
+    assert calls == [((3, 7, 64), False)] * 2
     layer(x.requires_grad_()).sum().backward()  # the output, then the input gradient
-    assert calls == [(3, 7, 64)] * 3 + [(3, 7, 96)]
+    assert calls == [((3, 7, 64), False)] * 3 + [((3, 7, 96), False)]
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -210,12 +216,7 @@ def test_packed_weights_serve_inference_only_and_are_gone_after(monkeypatch):
     which the calls without autograd take (the output as with the plain weight); calls with
     autograd take the plain weight (gradients as outside). After it, also after an error,
     no layer keeps one; after a nested one, the outer one's come back."""
-    weights = []
-    onednn = torch.ops.mkldnn._linear_pointwise
-    def spy(*args):
-        weights.append(args[1].is_mkldnn)
-        return onednn(*args)
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    calls = spy_onednn(monkeypatch)
     model = small_model().eval()
     layers = [m for m in model.modules() if isinstance(m, emigm.Linear)]
     layer = model.diffloss.net.cond_embed
@@ -227,12 +228,12 @@ def test_packed_weights_serve_inference_only_and_are_gone_after(monkeypatch):
     layer.weight.grad = None
     with cli.packed_weights(model):
         assert all(m.packed is not None and m.packed.is_mkldnn for m in layers)
-        weights.clear()
+        calls.clear()
         with torch.no_grad():
             assert rel_err(layer(x), expected) <= FP32_TOL
-        assert weights == [True]
+        assert calls == [((6, layer.in_features), True)]
         layer(x).sum().backward()
-        assert weights == [True, False]
+        assert calls == [((6, layer.in_features), True), ((6, layer.in_features), False)]
         assert rel_err(layer.weight.grad, expected_grad) <= FP32_TOL
     assert all(m.packed is None for m in layers)
     with pytest.raises(RuntimeError, match="inside"):
@@ -252,23 +253,20 @@ def test_sampler_runs_on_packed_weights_with_the_same_tokens(monkeypatch):
     """sample_tokens runs inside cli.packed_weights: every linear layer's call there takes a
     packed weight but the last decoder block's q and kv (slices of qkv); its tokens agree
     with a run without packing within fp32 rounding (bit-equal on the CPUs measured)."""
-    weights = []
-    onednn = torch.ops.mkldnn._linear_pointwise
-    def spy(*args):
-        weights.append(args[1].is_mkldnn)
-        return onednn(*args)
     model = trained_looking(small_model()).eval()
     labels = torch.tensor([0, 3])
     samples = []
+    runs = []
     for packing in (cli.packed_weights, contextlib.nullcontext):
         monkeypatch.setattr(sample, "packed_weights", packing)
-        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+        calls = spy_onednn(monkeypatch)
         generator = torch.Generator().manual_seed(0)
         samples.append(sample.sample_tokens(model, labels, 4, 2.0, generator=generator))
+        runs.append([packed for _, packed in calls])
         monkeypatch.undo()
     assert rel_err(samples[0], samples[1]) <= FP32_TOL
-    packed_run = weights[:len(weights) // 2]
-    assert weights[len(weights) // 2:] == [False] * len(packed_run)
+    packed_run, plain_run = runs
+    assert plain_run == [False] * len(packed_run)
     assert packed_run.count(False) == 2 * 4  # q and kv, once per step
     assert packed_run.count(True) > 10 * 4
 
@@ -416,6 +414,29 @@ def test_onednn_linear_skips_the_gradients_no_one_needs(monkeypatch):
     layer(x.detach()).sum().backward()
     assert matmuls == [(5, 64)] and layer.weight.grad.shape == (96, 64)
     assert torch.equal(layer.bias.grad, torch.full((96,), 5.0))
+
+
+def test_training_flops_counts_on_torchs_kernels_and_restores_the_switch(monkeypatch):
+    """bench.training_flops counts with emigm.ONEDNN off (torch counts no oneDNN op), the
+    same count as F.linear's, and sets the switch back, also when a step fails."""
+    import bench
+    import train
+    model = small_model()
+    training = train.Training(model.train(), lr=1e-4, weight_decay=0.0)
+    tokens = torch.randn(2, model.seq_len, model.token_channels)
+    labels = torch.tensor([0, 1])
+    flops = bench.training_flops(training, tokens, labels, 1, seed=0)
+    assert flops > 0 and emigm.ONEDNN
+    monkeypatch.setattr(emigm, "ONEDNN", False)
+    assert bench.training_flops(training, tokens, labels, 1, seed=0) == flops
+    monkeypatch.setattr(emigm, "ONEDNN", True)
+    def failing_step(*args):
+        assert not emigm.ONEDNN
+        raise RuntimeError("a step failed")
+    monkeypatch.setattr(training, "step", failing_step)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        bench.training_flops(training, tokens, labels, 1, seed=0)
+    assert emigm.ONEDNN
 
 
 def test_timed_median_starts_each_round_from_one_rng_state():
